@@ -1,0 +1,281 @@
+//! The datastore contract: a versioned key-value store of Margay resources with
+//! compare-and-swap, shared by the allocator, the node agent and the controller.
+//!
+//! Two layers:
+//! - [`Backend`]: object-safe, speaks JSON objects keyed by ([`Kind`], name). Each backend
+//!   (memory, etcd v3, Kubernetes) implements it once.
+//! - [`Store`]: the typed facade everyone else uses (`store.get::<IPPool>("default")`).
+//!
+//! Revisions are the backend's monotonically increasing store revision (etcd's `mod_revision`,
+//! Kubernetes' `resourceVersion`, which is the same etcd revision underneath). Every write is
+//! conditional: create only if absent, update and delete only if the object still has the
+//! revision the caller read. Watches deliver every change *after* a revision, in revision order,
+//! so a watcher that restarts from the last revision it saw misses nothing.
+//!
+//! The semantics every backend must meet are pinned by the contract suite in
+//! `margay-testkit::contract`, which runs unchanged against each of them.
+
+mod error;
+pub mod etcd;
+pub mod kube;
+pub mod memory;
+mod typed;
+
+pub use error::StoreError;
+pub use typed::{Store, WatchEvent};
+
+use futures::stream::BoxStream;
+use serde_json::Value;
+use std::fmt;
+
+/// A store revision. Strictly increasing across all writes of one store.
+pub type Revision = u64;
+
+/// Every kind of resource Margay keeps in a datastore.
+///
+/// All kinds are cluster-scoped. The list is closed on purpose: a backend knows its key layout
+/// (etcd) or its CRD (Kubernetes) for each one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    IPPool,
+    IPAMBlock,
+    BlockAffinity,
+    IPAMHandle,
+    IPAMConfig,
+    IPReservation,
+    BGPConfiguration,
+    BGPPeer,
+    Node,
+    WorkloadEndpoint,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 10] = [
+        Kind::IPPool,
+        Kind::IPAMBlock,
+        Kind::BlockAffinity,
+        Kind::IPAMHandle,
+        Kind::IPAMConfig,
+        Kind::IPReservation,
+        Kind::BGPConfiguration,
+        Kind::BGPPeer,
+        Kind::Node,
+        Kind::WorkloadEndpoint,
+    ];
+
+    /// The API group of every Margay resource.
+    pub const GROUP: &'static str = "margay.io";
+    /// The only served version.
+    pub const VERSION: &'static str = "v1";
+    /// `apiVersion` as written in objects.
+    pub const API_VERSION: &'static str = "margay.io/v1";
+
+    /// The `kind` field, e.g. `IPPool`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::IPPool => "IPPool",
+            Kind::IPAMBlock => "IPAMBlock",
+            Kind::BlockAffinity => "BlockAffinity",
+            Kind::IPAMHandle => "IPAMHandle",
+            Kind::IPAMConfig => "IPAMConfig",
+            Kind::IPReservation => "IPReservation",
+            Kind::BGPConfiguration => "BGPConfiguration",
+            Kind::BGPPeer => "BGPPeer",
+            Kind::Node => "Node",
+            Kind::WorkloadEndpoint => "WorkloadEndpoint",
+        }
+    }
+
+    /// The lower-case plural used in Kubernetes URLs and etcd keys, e.g. `ippools`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::IPPool => "ippools",
+            Kind::IPAMBlock => "ipamblocks",
+            Kind::BlockAffinity => "blockaffinities",
+            Kind::IPAMHandle => "ipamhandles",
+            Kind::IPAMConfig => "ipamconfigs",
+            Kind::IPReservation => "ipreservations",
+            Kind::BGPConfiguration => "bgpconfigurations",
+            Kind::BGPPeer => "bgppeers",
+            Kind::Node => "nodes",
+            Kind::WorkloadEndpoint => "workloadendpoints",
+        }
+    }
+
+    /// Whether objects of this kind have a `status` written separately from `spec`
+    /// (a status subresource in Kubernetes).
+    pub fn has_status(self) -> bool {
+        matches!(self, Kind::IPPool | Kind::Node)
+    }
+
+    /// Parses a `kind` field or a plural.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s) || k.plural() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One stored object as JSON, with the revision at which it was last written.
+///
+/// `value` is the whole object (`apiVersion`, `kind`, `metadata`, `spec`, and `status` where the
+/// kind has one). Backends set `metadata.resourceVersion` in `value` to `revision` on every read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawObject {
+    pub name: String,
+    pub revision: Revision,
+    pub value: Value,
+}
+
+/// A consistent listing: every object of a kind as of `revision`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawList {
+    pub items: Vec<RawObject>,
+    /// The store revision of the listing; watch from here to follow on without a gap.
+    pub revision: Revision,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawEvent {
+    /// The object was created; `revision` of the object is the creating write.
+    Added(RawObject),
+    /// The object was replaced (spec or status).
+    Modified(RawObject),
+    /// The object was deleted at `revision`. `last` is its final state when the backend knows it.
+    Deleted {
+        name: String,
+        revision: Revision,
+        last: Option<Value>,
+    },
+    /// Nothing of this kind changed up to `revision`; a watcher may resume from here.
+    Bookmark(Revision),
+}
+
+impl RawEvent {
+    /// The revision a watcher has seen once it has handled this event.
+    pub fn revision(&self) -> Revision {
+        match self {
+            RawEvent::Added(o) | RawEvent::Modified(o) => o.revision,
+            RawEvent::Deleted { revision, .. } | RawEvent::Bookmark(revision) => *revision,
+        }
+    }
+}
+
+/// A stream of changes. It ends with `Err(StoreError::TooOld{..})` when the requested revision
+/// has been compacted away, and with `Err(StoreError::Unavailable{..})` when the backend is lost
+/// for good; callers then relist (or retry after back-off) and watch again.
+pub type RawWatch = BoxStream<'static, Result<RawEvent, StoreError>>;
+
+/// What every datastore backend implements. All writes are conditional.
+///
+/// Semantics (checked by the contract suite):
+/// - `create`: fails with [`StoreError::AlreadyExists`] if the name exists. A `status` in the
+///   value is dropped (as a Kubernetes status subresource does); write it with `update_status`.
+/// - `update`: replaces `metadata` (labels, annotations) and `spec`, and keeps the stored
+///   `status`; fails with [`StoreError::Conflict`] unless the stored revision equals `expected`,
+///   and [`StoreError::NotFound`] if absent.
+/// - `update_status`: replaces only `status`, same conditions; only for kinds with
+///   [`Kind::has_status`].
+/// - `delete`: removes the object only if its revision equals `expected`.
+/// - `watch`: every change with a revision strictly greater than `after`, in order.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// A short name for logs and errors: `memory`, `etcd`, `kubernetes`.
+    fn name(&self) -> &'static str;
+    async fn get(&self, kind: Kind, name: &str) -> Result<RawObject, StoreError>;
+    async fn list(&self, kind: Kind) -> Result<RawList, StoreError>;
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> Result<RawObject, StoreError>;
+    async fn update(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: Value,
+        expected: Revision,
+    ) -> Result<RawObject, StoreError>;
+    async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: Value,
+        expected: Revision,
+    ) -> Result<RawObject, StoreError>;
+    async fn delete(&self, kind: Kind, name: &str, expected: Revision) -> Result<(), StoreError>;
+    async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError>;
+}
+
+/// Sets `metadata.resourceVersion` and `metadata.name` in a JSON object as backends must on read.
+pub(crate) fn stamp(value: &mut Value, name: &str, revision: Revision) {
+    if let Value::Object(map) = value {
+        let meta = map
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(meta) = meta {
+            meta.insert("name".into(), Value::String(name.to_owned()));
+            meta.insert(
+                "resourceVersion".into(),
+                Value::String(revision.to_string()),
+            );
+        }
+    }
+}
+
+/// Normalises an object before it is stored by a non-Kubernetes backend: the identity fields
+/// are the store's, not the caller's, and the revision is never stored inside the value.
+pub(crate) fn normalise_for_storage(kind: Kind, name: &str, value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.insert("apiVersion".into(), Value::String(Kind::API_VERSION.into()));
+        map.insert("kind".into(), Value::String(kind.name().into()));
+        let meta = map
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(meta) = meta {
+            meta.insert("name".into(), Value::String(name.to_owned()));
+            meta.remove("resourceVersion");
+            meta.remove("namespace");
+        }
+        if !kind.has_status() {
+            map.remove("status");
+        }
+    }
+}
+
+/// Merges the parts `update` may change (metadata labels/annotations and spec) from `new` into a
+/// copy of the stored object, keeping its status and identity. Used by backends that store whole
+/// JSON documents.
+pub(crate) fn merge_update(stored: &Value, new: &Value) -> Value {
+    let mut out = stored.clone();
+    if let (Value::Object(out), Value::Object(new)) = (&mut out, new) {
+        for (k, v) in new {
+            if k != "status" && k != "apiVersion" && k != "kind" {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        if !new.contains_key("spec") {
+            out.remove("spec");
+        }
+    }
+    out
+}
+
+/// Copies only `status` from `new` into a copy of the stored object.
+pub(crate) fn merge_status(stored: &Value, new: &Value) -> Value {
+    let mut out = stored.clone();
+    if let Value::Object(out) = &mut out {
+        match new.get("status") {
+            Some(s) => {
+                out.insert("status".into(), s.clone());
+            }
+            None => {
+                out.remove("status");
+            }
+        }
+    }
+    out
+}
