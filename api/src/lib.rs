@@ -17,4 +17,4 @@ pub mod store;
 pub mod validation;
 
 pub use resources::*;
-pub use store::{Backend, Kind, Revision, Store, StoreError, WatchEvent};
+pub use store::{Backend, DatastoreConfig, Kind, Revision, Store, StoreError, WatchEvent};

@@ -242,6 +242,12 @@ fn every_error_is_reported_not_just_the_first() {
     for path in ["spec.cidr", "spec.vxlanMode", "spec.nodeSelector"] {
         assert!(errs.has(path), "missing {path} in {errs}");
     }
+    let yaml = "metadata: {name: p}\nspec: {cidr: 10.250.0.1/16, blockSize: 34}";
+    let obj: margay_api::IPPool = serde_yaml::from_str(yaml).unwrap();
+    let errs = obj.validate().unwrap_err();
+    for path in ["spec.cidr", "spec.blockSize"] {
+        assert!(errs.has(path), "missing {path} in {errs}");
+    }
 }
 
 #[test]

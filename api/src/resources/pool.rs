@@ -129,8 +129,10 @@ impl IPPool {
     pub(crate) fn check(&self, errs: &mut ValidationErrors) {
         super::check_name(&self.metadata, errs);
         let s = &self.spec;
-        let net = parse_masked_cidr("spec.cidr", &s.cidr, errs);
-        if let Some(net) = net {
+        parse_masked_cidr("spec.cidr", &s.cidr, errs);
+        // Keep checking the rest against the masked range even when the CIDR had host bits,
+        // so that one pass reports every problem.
+        if let Some(net) = s.network().map(|n| n.trunc()) {
             let (lo, hi, fam) = match net {
                 IpNet::V4(_) => (20, 32, "IPv4"),
                 IpNet::V6(_) => (116, 128, "IPv6"),

@@ -15,12 +15,14 @@
 //! The semantics every backend must meet are pinned by the contract suite in
 //! `margay-testkit::contract`, which runs unchanged against each of them.
 
+pub mod config;
 mod error;
 pub mod etcd;
 pub mod kube;
 pub mod memory;
 mod typed;
 
+pub use config::DatastoreConfig;
 pub use error::StoreError;
 pub use typed::{Store, WatchEvent};
 
