@@ -147,10 +147,10 @@ impl Parser<'_> {
     fn eat(&mut self, tok: &str) -> bool {
         self.skip_ws();
         let rest = &self.input[self.offset()..];
-        if rest.starts_with(tok) {
+        if let Some(after) = rest.strip_prefix(tok) {
             // Keywords must not run on into a label (`input` is not `in`).
             let word = tok.chars().all(|c| c.is_ascii_alphabetic());
-            let next = rest[tok.len()..].chars().next();
+            let next = after.chars().next();
             if word && next.is_some_and(is_label_char) {
                 return false;
             }

@@ -113,25 +113,23 @@ impl Method {
         let family = |a: &&InterfaceAddress| a.address.addr().is_ipv6() == v6;
         let usable = |a: &&InterfaceAddress| is_usable(&a.address.addr());
         let virtual_re = Regex::new(VIRTUAL_INTERFACES).expect("constant regex");
-        let candidates = addresses.iter().filter(family).filter(usable);
+        let mut candidates = addresses.iter().filter(family).filter(usable);
         let found = match self {
             Method::FirstFound => candidates
-                .filter(|a| !virtual_re.is_match(&a.interface))
-                .cloned()
-                .next(),
+                .find(|a| !virtual_re.is_match(&a.interface))
+                .cloned(),
             Method::Interface(res) => candidates
-                .filter(|a| res.iter().any(|r| r.is_match(&a.interface)))
-                .cloned()
-                .next(),
+                .find(|a| res.iter().any(|r| r.is_match(&a.interface)))
+                .cloned(),
             Method::SkipInterface(res) => candidates
-                .filter(|a| !virtual_re.is_match(&a.interface))
-                .filter(|a| !res.iter().any(|r| r.is_match(&a.interface)))
-                .cloned()
-                .next(),
+                .find(|a| {
+                    !virtual_re.is_match(&a.interface)
+                        && !res.iter().any(|r| r.is_match(&a.interface))
+                })
+                .cloned(),
             Method::Cidr(nets) => candidates
-                .filter(|a| nets.iter().any(|n| n.contains(&a.address.addr())))
-                .cloned()
-                .next(),
+                .find(|a| nets.iter().any(|n| n.contains(&a.address.addr())))
+                .cloned(),
             Method::CanReach(target) => {
                 let src = source_towards(target, v6)?;
                 // Report the address with its interface's prefix length when we know it.

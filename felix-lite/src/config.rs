@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `NODENAME` | `nodeName` | the node-name file, else the host name |
 //! | `MARGAY_NODENAME_FILE` | `nodeNameFile` | `/var/lib/margay/nodename` |
-//! | `MARGAY_DATASTORE_TYPE`, `MARGAY_ETCD_ENDPOINTS`, `KUBECONFIG` | `datastore` | kubernetes |
+//! | `MARGAY_DATASTORE_TYPE`, `MARGAY_ETCD_ENDPOINTS`, `MARGAY_ETCD_{CA,CERT,KEY}_FILE`, `KUBECONFIG` | `datastore` | kubernetes |
 //! | `IP` | `ipv4` | `autodetect` (also: `none`, or an address with prefix length) |
 //! | `IP_AUTODETECTION_METHOD` | `ipv4AutodetectionMethod` | `first-found` |
 //! | `IP6` | `ipv6` | `none` |
@@ -141,7 +141,13 @@ impl NodeConfig {
 
         let datastore =
             if env("MARGAY_DATASTORE_TYPE").is_some() || env("MARGAY_ETCD_ENDPOINTS").is_some() {
-                datastore_from(&env)?
+                DatastoreConfig::from_vars(env).map_err(|e| {
+                    ConfigError::invalid(
+                        "MARGAY_DATASTORE_TYPE",
+                        &env("MARGAY_DATASTORE_TYPE").unwrap_or_default(),
+                        e.to_string(),
+                    )
+                })?
             } else {
                 f.datastore.unwrap_or_default()
             };
@@ -307,36 +313,6 @@ impl NodeConfig {
     }
 }
 
-fn datastore_from(env: &impl Fn(&str) -> Option<String>) -> Result<DatastoreConfig, ConfigError> {
-    let kind = env("MARGAY_DATASTORE_TYPE").unwrap_or_else(|| "etcd".into());
-    match kind.as_str() {
-        "kubernetes" => Ok(DatastoreConfig::Kubernetes {
-            kubeconfig: env("KUBECONFIG").map(PathBuf::from),
-        }),
-        "etcd" => {
-            let eps = env("MARGAY_ETCD_ENDPOINTS").ok_or_else(|| {
-                ConfigError::invalid(
-                    "MARGAY_ETCD_ENDPOINTS",
-                    "",
-                    "is required with MARGAY_DATASTORE_TYPE=etcd",
-                )
-            })?;
-            let mut cfg = margay_api::store::etcd::EtcdConfig::new(
-                eps.split(',').map(|e| e.trim().to_owned()),
-            );
-            if let Some(p) = env("MARGAY_ETCD_PREFIX") {
-                cfg = cfg.with_prefix(p);
-            }
-            Ok(DatastoreConfig::Etcd(cfg))
-        }
-        other => Err(ConfigError::invalid(
-            "MARGAY_DATASTORE_TYPE",
-            other,
-            "must be kubernetes or etcd",
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,7 +376,7 @@ mod tests {
             (
                 vec![("MARGAY_DATASTORE_TYPE", "etcd")],
                 None,
-                "MARGAY_ETCD_ENDPOINTS",
+                "MARGAY_DATASTORE_TYPE",
             ),
             (
                 vec![("MARGAY_RESYNC_INTERVAL", "0s")],

@@ -49,7 +49,7 @@ pub async fn run(store: &Store, cmd: &PoolCommand) -> anyhow::Result<ExitCode> {
             let pool: IPPool = store.get(name).await?;
             print!(
                 "{}",
-                output::render(*output, &pool, || pool_table(&[pool.clone()], &[]))?
+                output::render(*output, &pool, || pool_table(std::slice::from_ref(&pool), &[]))?
             );
             Ok(ExitCode::SUCCESS)
         }

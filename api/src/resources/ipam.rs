@@ -1,5 +1,8 @@
 //! IPAMBlock, BlockAffinity and IPAMHandle: the allocator's own records. Users read them;
 //! only the allocator and the controller write them, always with compare-and-swap.
+// kube's derive takes one `printcolumn(...)` attribute per column; clippy reads the
+// repeated `type_ = ...` keys as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use super::common::*;
 use crate::names;

@@ -1,5 +1,8 @@
 //! Node (Margay's per-node data) and WorkloadEndpoint (a pod's attachment, written by the CNI
 //! plugin in etcd mode).
+// kube's derive takes one `printcolumn(...)` attribute per column; clippy reads the
+// repeated `type_ = ...` keys as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use super::bgp::check_interface_address;
 use super::common::*;

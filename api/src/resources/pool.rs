@@ -1,4 +1,7 @@
 //! IPPool, IPReservation and IPAMConfig: the address space users manage.
+// kube's derive takes one `printcolumn(...)` attribute per column; clippy reads the
+// repeated `type_ = ...` keys as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use super::common::*;
 use crate::validation::ValidationErrors;

@@ -1,6 +1,6 @@
 //! Which datastore a component talks to, from its config file or the environment.
 
-use super::etcd::{EtcdBackend, EtcdConfig};
+use super::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 use super::kube::KubeBackend;
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -31,13 +31,22 @@ impl Default for DatastoreConfig {
 pub const ENV_DATASTORE_TYPE: &str = "MARGAY_DATASTORE_TYPE";
 pub const ENV_ETCD_ENDPOINTS: &str = "MARGAY_ETCD_ENDPOINTS";
 pub const ENV_ETCD_PREFIX: &str = "MARGAY_ETCD_PREFIX";
+pub const ENV_ETCD_CA_FILE: &str = "MARGAY_ETCD_CA_FILE";
+pub const ENV_ETCD_CERT_FILE: &str = "MARGAY_ETCD_CERT_FILE";
+pub const ENV_ETCD_KEY_FILE: &str = "MARGAY_ETCD_KEY_FILE";
 
 impl DatastoreConfig {
+    /// Reads the datastore from the process environment; see [`DatastoreConfig::from_vars`].
+    pub fn from_env() -> Result<DatastoreConfig, StoreError> {
+        DatastoreConfig::from_vars(|k| std::env::var(k).ok())
+    }
+
     /// Reads `MARGAY_DATASTORE_TYPE` (`kubernetes` or `etcd`; default `etcd` when
     /// `MARGAY_ETCD_ENDPOINTS` is set, else `kubernetes`), `MARGAY_ETCD_ENDPOINTS` (comma
-    /// separated), `MARGAY_ETCD_PREFIX` and `KUBECONFIG`.
-    pub fn from_env() -> Result<DatastoreConfig, StoreError> {
-        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    /// separated), `MARGAY_ETCD_PREFIX`, the etcd TLS files `MARGAY_ETCD_CA_FILE`,
+    /// `MARGAY_ETCD_CERT_FILE`, `MARGAY_ETCD_KEY_FILE`, and `KUBECONFIG`, through `get`.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<DatastoreConfig, StoreError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let endpoints = get(ENV_ETCD_ENDPOINTS);
         let kind = get(ENV_DATASTORE_TYPE).unwrap_or_else(|| {
             if endpoints.is_some() {
@@ -61,6 +70,15 @@ impl DatastoreConfig {
                 if let Some(p) = get(ENV_ETCD_PREFIX) {
                     cfg = cfg.with_prefix(p);
                 }
+                if let Some(ca) = get(ENV_ETCD_CA_FILE) {
+                    cfg.tls = Some(EtcdTls {
+                        ca_file: ca.into(),
+                        cert_file: get(ENV_ETCD_CERT_FILE).map(PathBuf::from),
+                        key_file: get(ENV_ETCD_KEY_FILE).map(PathBuf::from),
+                        server_name: None,
+                    });
+                }
+                cfg.validate()?;
                 Ok(DatastoreConfig::Etcd(cfg))
             }
             other => Err(StoreError::Rejected {
@@ -112,5 +130,42 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(serde_yaml::from_str::<DatastoreConfig>("type: consul").is_err());
+    }
+
+    #[test]
+    fn reads_the_environment() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let cfg = DatastoreConfig::from_vars(vars(&[
+            (
+                "MARGAY_ETCD_ENDPOINTS",
+                "https://10.0.0.1:2379,https://10.0.0.2:2379",
+            ),
+            ("MARGAY_ETCD_CA_FILE", "/etc/margay/etcd/ca.crt"),
+        ]))
+        .unwrap();
+        match cfg {
+            DatastoreConfig::Etcd(c) => {
+                assert_eq!(c.endpoints.len(), 2);
+                assert_eq!(
+                    c.tls.unwrap().ca_file,
+                    PathBuf::from("/etc/margay/etcd/ca.crt")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            DatastoreConfig::from_vars(vars(&[])).unwrap(),
+            DatastoreConfig::Kubernetes { kubeconfig: None }
+        );
+        let err =
+            DatastoreConfig::from_vars(vars(&[("MARGAY_DATASTORE_TYPE", "etcd")])).unwrap_err();
+        assert!(err.to_string().contains("MARGAY_ETCD_ENDPOINTS"), "{err}");
     }
 }

@@ -105,13 +105,14 @@ struct Reply {
 }
 
 impl KubeBackend {
-    /// A backend over `client`, with a 30 s request timeout, 5-minute watch requests and lists
+    /// A backend over `client`, with a 30 s request timeout, 4-minute watch requests (under
+    /// kube's default 295 s read timeout) and lists
     /// read 500 objects at a time.
     pub fn new(client: kube::Client) -> KubeBackend {
         KubeBackend {
             client,
             request_timeout: Duration::from_secs(30),
-            watch_timeout: Duration::from_secs(300),
+            watch_timeout: Duration::from_secs(240),
             page_size: 500,
         }
     }

@@ -1,0 +1,341 @@
+//! A real kube-apiserver for the Kubernetes datastore tests, from the binary named by
+//! `KUBE_APISERVER_BIN`, with its own etcd, on loopback, with Margay's CRDs installed.
+//!
+//! The API server runs with `--watch-cache=false`, so that watches are served from etcd and a
+//! compaction of its etcd is seen as `410 Gone`, and with `--etcd-compaction-interval=0`, so that
+//! only the tests compact.
+
+use crate::etcd::EtcdProcess;
+use crate::ports::free_port;
+use crate::process::{log_tail, temp_dir, Managed};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The variable naming a kube-apiserver binary (v1.19 or newer).
+pub const APISERVER_ENV: &str = "KUBE_APISERVER_BIN";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const CRD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The kube-apiserver binary named by `KUBE_APISERVER_BIN`, if set.
+pub fn apiserver_binary() -> Option<PathBuf> {
+    std::env::var_os(APISERVER_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The directory of the committed CRD manifests, `charts/margay/crds`.
+pub fn crd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/margay/crds")
+}
+
+/// A running kube-apiserver. Dropping it stops the API server, then its etcd.
+#[derive(Debug)]
+pub struct ApiServerProcess {
+    process: Managed,
+    port: u16,
+    version: String,
+    token_file: PathBuf,
+    etcd: EtcdProcess,
+    // Declared last: removed after the process has stopped.
+    dir: tempfile::TempDir,
+}
+
+impl ApiServerProcess {
+    /// Starts etcd and the API server from `bin`, waits for `/readyz`, and installs every CRD
+    /// in [`crd_dir`].
+    pub async fn start(bin: &Path) -> Result<ApiServerProcess> {
+        if !bin.is_file() {
+            bail!("{APISERVER_ENV}={} is not a file", bin.display());
+        }
+        let version = apiserver_version(bin)?;
+        let etcd = EtcdProcess::start().await?;
+        let dir = temp_dir("margay-apiserver-")?;
+        let sa_key = dir.path().join("sa.key");
+        let out = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl to make the service-account key (apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl genrsa failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let token = format!(
+            "margay-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!("{token},margay-admin,margay-admin,\"system:masters\"\n"),
+        )?;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, &token)?;
+
+        let mut me = ApiServerProcess {
+            process: Managed::stopped("kube-apiserver"),
+            port: 0,
+            version,
+            token_file,
+            etcd,
+            dir,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            me.port = free_port()?;
+            match me.launch(bin).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        me.install_crds(&crd_dir()).await?;
+        Ok(me)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kube-apiserver.log")
+    }
+
+    async fn launch(&mut self, bin: &Path) -> Result<()> {
+        let d = self.dir.path();
+        let sa_key = d.join("sa.key");
+        let mut args = vec![
+            format!("--etcd-servers={}", self.etcd.endpoint()),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.port),
+            format!("--cert-dir={}", d.join("certs").display()),
+            "--authorization-mode=AlwaysAllow".into(),
+            format!("--token-auth-file={}", d.join("tokens.csv").display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", sa_key.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--watch-cache=false".into(),
+            "--etcd-compaction-interval=0".into(),
+            "--profiling=false".into(),
+        ];
+        if minor_version(&self.version).is_some_and(|m| m < 24) {
+            // Before 1.24 an insecure port 8080 opens by default; two test servers would fight
+            // over it.
+            args.push("--insecure-port=0".into());
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.process = Managed::new("kube-apiserver", child);
+
+        let client = self.client()?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.process.exited() {
+                bail!(
+                    "kube-apiserver exited during startup ({status}); last lines of {}:\n{}",
+                    self.log_path().display(),
+                    log_tail(&self.log_path(), 40)
+                );
+            }
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            if let Ok(Ok(text)) =
+                tokio::time::timeout(Duration::from_secs(2), client.request_text(req)).await
+            {
+                if text.trim() == "ok" {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver on port {} not ready within {READY_TIMEOUT:?}; last lines of {}:\n{}",
+                    self.port,
+                    self.log_path().display(),
+                    log_tail(&self.log_path(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// A client with admin rights that accepts the server's self-signed certificate.
+    pub fn client(&self) -> Result<kube::Client> {
+        let mut config = kube::Config::new(format!("https://127.0.0.1:{}", self.port).parse()?);
+        config.accept_invalid_certs = true;
+        config.auth_info.token_file = Some(self.token_file.display().to_string());
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The server's version string, e.g. `Kubernetes v1.28.3`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The API server's etcd, e.g. to compact it.
+    pub fn etcd(&self) -> &EtcdProcess {
+        &self.etcd
+    }
+
+    /// Creates every CRD in the YAML files of `dir` and waits until each is established and
+    /// served.
+    pub async fn install_crds(&self, dir: &Path) -> Result<()> {
+        let crds = read_crds(dir)?;
+        let client = self.client()?;
+        let base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+        for crd in &crds {
+            let req = http::Request::post(base)
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(crd)?)?;
+            client
+                .request_text(req)
+                .await
+                .with_context(|| format!("creating CRD {}", crd["metadata"]["name"]))?;
+        }
+        let deadline = Instant::now() + CRD_TIMEOUT;
+        for crd in &crds {
+            let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+            let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            let group = crd["spec"]["group"].as_str().unwrap_or_default();
+            let version = crd["spec"]["versions"][0]["name"].as_str().unwrap_or("v1");
+            loop {
+                let established = async {
+                    let req = http::Request::get(format!("{base}/{name}")).body(Vec::new())?;
+                    let v: Value = client.request(req).await?;
+                    let ok = v["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True");
+                    let req =
+                        http::Request::get(format!("/apis/{group}/{version}/{plural}?limit=1"))
+                            .body(Vec::new())?;
+                    let served = client.request_text(req).await.is_ok();
+                    anyhow::Ok(ok && served)
+                };
+                if established.await.unwrap_or(false) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("CRD {name} not established and served within {CRD_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every CRD document in the `.yaml`/`.yml` files of `dir`, in file-name order.
+pub fn read_crds(dir: &Path) -> Result<Vec<Value>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading CRD directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut crds = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).with_context(|| format!("parsing {}", f.display()))?;
+            if v.is_null() {
+                continue;
+            }
+            if v["kind"] != "CustomResourceDefinition" {
+                bail!(
+                    "{} holds a {} where a CRD was expected",
+                    f.display(),
+                    v["kind"]
+                );
+            }
+            crds.push(v);
+        }
+    }
+    if crds.is_empty() {
+        bail!(
+            "no CRD manifests in {}: generate them with `cargo run -p margay-api --bin margay-crdgen`",
+            dir.display()
+        );
+    }
+    Ok(crds)
+}
+
+fn apiserver_version(bin: &Path) -> Result<String> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || v.is_empty() {
+        return Err(anyhow!(
+            "{} --version failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(v)
+}
+
+/// The minor version of "Kubernetes v1.28.3".
+fn minor_version(version: &str) -> Option<u32> {
+    let v = version.rsplit(' ').next()?.trim_start_matches('v');
+    v.split('.').nth(1)?.parse().ok()
+}
+
+impl Drop for ApiServerProcess {
+    fn drop(&mut self) {
+        self.process.stop_blocking();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minor_version_of_version_strings() {
+        assert_eq!(minor_version("Kubernetes v1.19.16"), Some(19));
+        assert_eq!(minor_version("Kubernetes v1.33.0-rc.1"), Some(33));
+        assert_eq!(minor_version("garbage"), None);
+    }
+
+    #[test]
+    fn read_crds_needs_manifests_and_says_how_to_make_them() {
+        let d = tempfile::tempdir().unwrap();
+        let e = read_crds(d.path()).unwrap_err();
+        assert!(e.to_string().contains("margay-crdgen"), "{e}");
+        std::fs::write(
+            d.path().join("a.yaml"),
+            "---\napiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: ippools.margay.io\n---\n",
+        )
+        .unwrap();
+        let crds = read_crds(d.path()).unwrap();
+        assert_eq!(crds.len(), 1);
+        assert_eq!(crds[0]["metadata"]["name"], "ippools.margay.io");
+        std::fs::write(d.path().join("b.yaml"), "kind: ConfigMap\n").unwrap();
+        assert!(read_crds(d.path()).is_err());
+    }
+}
