@@ -8,4 +8,6 @@
 //! configuration.
 
 pub mod config;
+pub mod install;
 pub mod spec;
+pub mod token;
