@@ -18,6 +18,7 @@
 pub mod config;
 mod error;
 pub mod etcd;
+pub mod informer;
 pub mod kube;
 pub mod memory;
 mod typed;
