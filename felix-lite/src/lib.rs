@@ -4,5 +4,8 @@
 //! - [`config`]: the agent's settings, from a YAML file and the environment.
 //! - [`autodetect`]: finding the node's BGP address the ways Calico users know.
 
+pub mod agent;
 pub mod autodetect;
 pub mod config;
+pub mod http;
+pub mod routes;

@@ -7,6 +7,7 @@ use margay_api::{DatastoreConfig, Store};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod ipam;
 mod output;
 mod pool;
 
@@ -39,6 +40,9 @@ enum Command {
     /// Manage IP pools.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// Show, check and release allocated addresses.
+    #[command(subcommand)]
+    Ipam(ipam::IpamCommand),
 }
 
 impl Cli {
@@ -91,6 +95,10 @@ async fn main() -> ExitCode {
         Command::Pool(cmd) => match cli.store().await {
             Ok(store) => pool::run(&store, cmd).await,
             Err(e) => Err(e),
+        },
+        Command::Ipam(cmd) => match (cli.store().await, cli.datastore()) {
+            (Ok(store), Ok(ds)) => ipam::run(&store, &ds, cmd).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         },
     };
     match result {

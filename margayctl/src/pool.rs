@@ -49,7 +49,10 @@ pub async fn run(store: &Store, cmd: &PoolCommand) -> anyhow::Result<ExitCode> {
             let pool: IPPool = store.get(name).await?;
             print!(
                 "{}",
-                output::render(*output, &pool, || pool_table(std::slice::from_ref(&pool), &[]))?
+                output::render(*output, &pool, || pool_table(
+                    std::slice::from_ref(&pool),
+                    &[]
+                ))?
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -23,6 +23,9 @@ pub struct EtcdProcess {
     peer_port: u16,
     /// Serves clients over TLS with a certificate of its own test CA.
     tls: bool,
+    /// Addresses besides 127.0.0.1 that clients may reach etcd on (e.g. a test fabric's host
+    /// side), on the same port.
+    extra_listen: Vec<std::net::IpAddr>,
     // Declared last: removed after the process has stopped.
     dir: tempfile::TempDir,
 }
@@ -63,16 +66,31 @@ enum LaunchError {
 impl EtcdProcess {
     /// Starts etcd and waits until it answers requests.
     pub async fn start() -> Result<EtcdProcess> {
-        EtcdProcess::start_inner(false).await
+        EtcdProcess::start_inner(false, Vec::new()).await
+    }
+
+    /// Starts etcd listening on 127.0.0.1 and also on `ips` (addresses of this namespace, such
+    /// as the host end of a test fabric), so that processes in other network namespaces the
+    /// test made can reach it at [`endpoint_on`](Self::endpoint_on).
+    pub async fn start_listening_on(ips: &[std::net::IpAddr]) -> Result<EtcdProcess> {
+        EtcdProcess::start_inner(false, ips.to_vec()).await
+    }
+
+    /// The client URL on one of the extra listen addresses.
+    pub fn endpoint_on(&self, ip: std::net::IpAddr) -> String {
+        match ip {
+            std::net::IpAddr::V6(a) => format!("http://[{a}]:{}", self.client_port),
+            a => format!("http://{a}:{}", self.client_port),
+        }
     }
 
     /// Starts etcd serving clients over TLS (`https://`), with a serving certificate for
     /// 127.0.0.1 signed by a CA made for it ([`ca_file`](Self::ca_file)). Needs `openssl`.
     pub async fn start_with_tls() -> Result<EtcdProcess> {
-        EtcdProcess::start_inner(true).await
+        EtcdProcess::start_inner(true, Vec::new()).await
     }
 
-    async fn start_inner(tls: bool) -> Result<EtcdProcess> {
+    async fn start_inner(tls: bool, extra_listen: Vec<std::net::IpAddr>) -> Result<EtcdProcess> {
         let bin = etcd_binary()?;
         let dir = temp_dir("margay-etcd-").context("creating etcd's temporary directory")?;
         let [client_port, peer_port] = free_ports::<2>()?;
@@ -82,6 +100,7 @@ impl EtcdProcess {
             client_port,
             peer_port,
             tls,
+            extra_listen,
             dir,
         };
         if tls {
@@ -109,7 +128,13 @@ impl EtcdProcess {
         let mut args = vec![
             "--name=margay-test".into(),
             format!("--data-dir={}", self.data_dir().display()),
-            format!("--listen-client-urls={client}"),
+            format!(
+                "--listen-client-urls={}",
+                std::iter::once(client.clone())
+                    .chain(self.extra_listen.iter().map(|ip| self.endpoint_on(*ip)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             format!("--advertise-client-urls={client}"),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),

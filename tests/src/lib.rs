@@ -4,6 +4,7 @@
 //!   be stopped, killed, restarted and compacted.
 //! - [`ApiServerProcess`]: a real kube-apiserver (from `KUBE_APISERVER_BIN`) with its own etcd
 //!   and Margay's CRDs installed.
+//! - [`netns`]: network namespaces joined by bridges, deleted when dropped.
 //! - [`contract`]: the datastore contract suite, written once and run against every backend.
 //!
 //! Processes are stopped by their PID (SIGTERM, then SIGKILL after a grace period) when dropped,
@@ -12,6 +13,7 @@
 pub mod apiserver;
 pub mod contract;
 pub mod etcd;
+pub mod netns;
 mod ports;
 mod process;
 

@@ -1,0 +1,766 @@
+//! The node agent's main loop: sync from the datastore, publish this node's data, and keep
+//! the kernel matching the cluster's intent.
+//!
+//! Order of a start:
+//! 1. Resolve the node name and write it where the CNI plugin reads it.
+//! 2. Start informers on every kind the agent follows and wait until all have listed: no kernel
+//!    write happens before the agent has the whole picture.
+//! 3. Publish this node's address (and tunnel endpoints) in its `Node` object.
+//! 4. Program: sysctls, tunnel devices, NAT sets, the MTU file, then routes, sweeping Margay
+//!    routes nobody wants any more (mark and sweep).
+//! 5. Reconcile again on every change of the followed kinds, on kernel route and link events
+//!    (a route deleted by hand comes back), and every resync interval.
+//!
+//! On shutdown the routes are left in place, so traffic keeps flowing while the agent restarts.
+
+use crate::config::{AddressSetting, NodeConfig};
+use crate::routes::{self, RemoteRoute};
+use ipnet::IpNet;
+use margay_api::store::informer::Informer;
+use margay_api::{
+    AffinityState, BlockAffinity, EncapMode, IPPool, Node, NodeBGPSpec, Store, StoreError,
+};
+use margay_ipam::{
+    tunnel_handle, AddressUse, Allocator, AllocatorConfig, AssignRequest, TunnelKind,
+};
+use margay_kernel::events::{
+    Coalescer, CoalescerConfig, CoalescingSubscription, EventSubscription,
+};
+use margay_kernel::mtu::{pod_mtu, Encap};
+use margay_kernel::nat::{Nat, NatPool};
+use margay_kernel::tunnel::{VxlanSpec, VXLAN_DEVICE};
+use margay_kernel::{
+    FdbEntry, KernelError, Neighbour, NextHop, RouteFilter, RouteKey, RouteWriter, WriteOp,
+    MAIN_TABLE, MARGAY_RT_PROTO,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("datastore: {0}")]
+    Store(#[from] StoreError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] KernelError),
+    #[error("IPAM: {0}")]
+    Ipam(#[from] margay_ipam::IpamError),
+    #[error("node address: {0}")]
+    Address(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters and gauges the agent exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub routes_programmed: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub repairs: AtomicU64,
+    pub swept: AtomicU64,
+    pub reconcile_errors: AtomicU64,
+    pub skipped_prefixes: AtomicU64,
+    pub bgp_sessions_established: AtomicU64,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let g = |m: &AtomicU64| m.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            (
+                "margay_node_routes_programmed",
+                "gauge",
+                "Routes Margay holds in the kernel.",
+                g(&self.routes_programmed),
+            ),
+            (
+                "margay_node_resyncs_total",
+                "counter",
+                "Reconciliations of the kernel with the cluster's state.",
+                g(&self.resyncs),
+            ),
+            (
+                "margay_node_repairs_total",
+                "counter",
+                "Routes found missing or changed in the kernel and put back.",
+                g(&self.repairs),
+            ),
+            (
+                "margay_node_routes_swept_total",
+                "counter",
+                "Margay routes removed because nothing wants them.",
+                g(&self.swept),
+            ),
+            (
+                "margay_node_reconcile_errors_total",
+                "counter",
+                "Reconciliations that failed and were retried.",
+                g(&self.reconcile_errors),
+            ),
+            (
+                "margay_node_skipped_prefixes",
+                "gauge",
+                "Remote prefixes that could not be programmed.",
+                g(&self.skipped_prefixes),
+            ),
+            (
+                "margay_node_bgp_sessions_established",
+                "gauge",
+                "BGP sessions in Established state.",
+                g(&self.bgp_sessions_established),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// Liveness and readiness, shared with the HTTP endpoints.
+#[derive(Debug)]
+pub struct Health {
+    ready: AtomicBool,
+    /// When the loop last went round, for liveness.
+    heartbeat: Mutex<Instant>,
+    /// The longest the loop may stay silent and still be live.
+    stall_limit: Duration,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn new(resync: Duration) -> Health {
+        Health {
+            ready: AtomicBool::new(false),
+            heartbeat: Mutex::new(Instant::now()),
+            stall_limit: (resync * 3).max(Duration::from_secs(30)),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn beat(&self) {
+        *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+/// What the HTTP server answers with.
+pub struct Status {
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl crate::http::Endpoints for Status {
+    fn live(&self) -> Result<(), String> {
+        let since = self
+            .health
+            .heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if since > self.health.stall_limit {
+            Err(format!("the agent's loop has not run for {since:?}"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.health.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(self
+                .health
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "not synced with the datastore yet".into()))
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+}
+
+/// The informers the agent reads from.
+struct View {
+    pools: Informer<IPPool>,
+    affinities: Informer<BlockAffinity>,
+    nodes: Informer<Node>,
+}
+
+impl View {
+    fn spawn(store: &Store) -> View {
+        View {
+            pools: Informer::spawn(store.clone()),
+            affinities: Informer::spawn(store.clone()),
+            nodes: Informer::spawn(store.clone()),
+        }
+    }
+
+    async fn wait_synced(&self) {
+        self.pools.wait_synced().await;
+        self.affinities.wait_synced().await;
+        self.nodes.wait_synced().await;
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    cfg: NodeConfig,
+    node: String,
+    store: Store,
+    view: View,
+    writer: RouteWriter,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    address: Option<IpNet>,
+    /// Neighbour and FDB entries this agent has written, to remove them when unwanted.
+    tunnel_entries: (Vec<Neighbour>, Vec<FdbEntry>),
+    vxlan: Option<VtepState>,
+    /// The routes the last pass programmed: one of them missing from the kernel now is drift
+    /// (a repair), not a change of intent.
+    programmed: HashMap<RouteKey, margay_kernel::Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VtepState {
+    tunnel_addr: IpAddr,
+    mac: margay_kernel::Mac,
+}
+
+/// A stable, locally administered MAC for this node's VTEP.
+pub fn vtep_mac(node: &str) -> margay_kernel::Mac {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(node.as_bytes());
+    [0x66, h[0], h[1], h[2], h[3], h[4]]
+}
+
+fn write_file_atomic(path: &Path, content: &str) -> Result<(), AgentError> {
+    let io = |source| AgentError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, content).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+impl Agent {
+    /// Starts the agent: connects, syncs, publishes the node. Kernel writes begin with the first
+    /// [`Agent::reconcile`].
+    pub async fn start(cfg: NodeConfig) -> Result<(Agent, Status), AgentError> {
+        let node = cfg.resolve_node_name()?;
+        write_file_atomic(&cfg.node_name_file, &node)?;
+        let store = cfg.datastore.connect().await?;
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::new(cfg.resync_interval));
+        let view = View::spawn(&store);
+        tracing::info!(node = %node, "waiting for the datastore sync");
+        view.wait_synced().await;
+        let address = match &cfg.ipv4 {
+            AddressSetting::Fixed(n) => Some(*n),
+            AddressSetting::None => None,
+            AddressSetting::Autodetect => {
+                let addrs = crate::autodetect::interface_addresses()
+                    .map_err(|e| AgentError::Address(e.to_string()))?;
+                Some(
+                    cfg.ipv4_method
+                        .select(&addrs, false)
+                        .map_err(|e| AgentError::Address(e.to_string()))?
+                        .address,
+                )
+            }
+        };
+        tracing::info!(node = %node, address = ?address, "node address");
+        let (writer, _thread) = RouteWriter::spawn(None)?;
+        let status = Status {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        let agent = Agent {
+            cfg,
+            node,
+            store,
+            view,
+            writer,
+            metrics,
+            health,
+            address,
+            tunnel_entries: Default::default(),
+            vxlan: None,
+            programmed: HashMap::new(),
+        };
+        agent.publish_node(None).await?;
+        Ok((agent, status))
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// Writes this node's address, AS and VTEP into its Node object (created if missing),
+    /// with compare-and-swap, leaving every other field alone.
+    async fn publish_node(&self, vtep: Option<&VtepState>) -> Result<(), AgentError> {
+        for _ in 0..10 {
+            let existing = self.store.try_get::<Node>(&self.node).await?;
+            let mut n = existing
+                .clone()
+                .unwrap_or_else(|| Node::new(&self.node, Default::default()));
+            let mut bgp = n.spec.bgp.clone().unwrap_or_else(NodeBGPSpec::default);
+            bgp.ipv4_address = self.address.map(|a| a.to_string());
+            if self.cfg.as_number.is_some() {
+                bgp.as_number = self.cfg.as_number;
+            }
+            n.spec.bgp = Some(bgp);
+            n.spec.ipv4_vxlan_tunnel_addr = vtep.map(|v| v.tunnel_addr.to_string());
+            n.spec.vxlan_tunnel_mac_addr = vtep.map(|v| margay_kernel::format_mac(&v.mac));
+            if existing.as_ref().map(|e| &e.spec) == Some(&n.spec) {
+                return Ok(());
+            }
+            let result = match existing {
+                None => self.store.create(&n).await.map(|_| ()),
+                Some(_) => self.store.update(&n).await.map(|_| ()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_conflict() || e.is_already_exists() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AgentError::Store(StoreError::Rejected {
+            backend: "agent",
+            message: format!("Node {} kept changing while being published", self.node),
+        }))
+    }
+
+    /// Pools that select this node.
+    fn my_pools(&self) -> Vec<IPPool> {
+        let labels = self
+            .view
+            .nodes
+            .get(&self.node)
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default();
+        self.view
+            .pools
+            .snapshot()
+            .into_iter()
+            .filter(|p| {
+                margay_api::selector::Selector::parse(&p.spec.node_selector)
+                    .map(|s| s.matches(&labels))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// Confirmed blocks affine to this node. Pending claims are not ours yet.
+    fn local_blocks(&self) -> Vec<IpNet> {
+        self.view
+            .affinities
+            .snapshot()
+            .into_iter()
+            .filter(|a| {
+                a.spec.node == self.node
+                    && a.spec.state == AffinityState::Confirmed
+                    && !a.spec.deleted
+            })
+            .filter_map(|a| a.spec.cidr.parse().ok())
+            .collect()
+    }
+
+    fn local_subnets(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = crate::autodetect::interface_addresses()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| {
+                !a.interface.starts_with("cali")
+                    && a.interface != VXLAN_DEVICE
+                    && a.interface != "lo"
+            })
+            .map(|a| a.address)
+            .collect();
+        if let Some(a) = self.address {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// Ensures the VXLAN device and its tunnel address when a pool for this node needs VXLAN,
+    /// and removes them when none does.
+    async fn ensure_vxlan(&mut self, pools: &[IPPool], host_mtu: u32) -> Result<(), AgentError> {
+        let wanted: Vec<&IPPool> = pools
+            .iter()
+            .filter(|p| {
+                p.spec.vxlan_mode != EncapMode::Never
+                    && p.spec.network().is_some_and(|n| n.addr().is_ipv4())
+            })
+            .collect();
+        let handle = tunnel_handle(TunnelKind::Vxlan, &self.node);
+        let Some(local) = self.address.filter(|_| !wanted.is_empty()) else {
+            if self.vxlan.take().is_some()
+                || self
+                    .view
+                    .nodes
+                    .get(&self.node)
+                    .is_some_and(|n| n.spec.ipv4_vxlan_tunnel_addr.is_some())
+            {
+                self.writer.run(|nl| nl.delete_link(VXLAN_DEVICE)).await??;
+                let alloc =
+                    Allocator::new(self.store.clone(), &self.node, AllocatorConfig::default());
+                alloc.release_by_handle(&handle).await?;
+                self.publish_node(None).await?;
+            }
+            return Ok(());
+        };
+        // Keep the address already published if it is still ours; otherwise allocate one.
+        let current = self
+            .view
+            .nodes
+            .get(&self.node)
+            .and_then(|n| n.spec.ipv4_vxlan_tunnel_addr)
+            .and_then(|a| a.parse::<IpAddr>().ok());
+        let tunnel_addr = match current {
+            Some(ip) if self.holds(&handle, ip).await? => ip,
+            _ => {
+                let alloc =
+                    Allocator::new(self.store.clone(), &self.node, AllocatorConfig::default());
+                alloc.release_by_handle(&handle).await?;
+                let mut attrs = BTreeMap::new();
+                attrs.insert(margay_ipam::attr::NODE.to_owned(), self.node.clone());
+                attrs.insert(
+                    margay_ipam::attr::TYPE.to_owned(),
+                    TunnelKind::Vxlan.attr_type().to_owned(),
+                );
+                let got = alloc
+                    .assign(&AssignRequest {
+                        handle_id: handle.clone(),
+                        attrs,
+                        num_v4: 1,
+                        pools: wanted
+                            .iter()
+                            .filter_map(|p| p.metadata.name.clone())
+                            .collect(),
+                        use_: AddressUse::Tunnel,
+                        ..Default::default()
+                    })
+                    .await?;
+                got.addresses.first().map(|a| a.ip).ok_or_else(|| {
+                    AgentError::Address("the allocator returned no tunnel address".into())
+                })?
+            }
+        };
+        let mac = vtep_mac(&self.node);
+        let spec = VxlanSpec::margay(
+            local.addr(),
+            mac,
+            host_mtu.saturating_sub(Encap::VxlanV4.overhead()),
+        );
+        let addr = IpNet::new(tunnel_addr, 32).map_err(|e| AgentError::Address(e.to_string()))?;
+        self.writer
+            .run(move |nl| -> Result<(), KernelError> {
+                nl.ensure_vxlan(&spec)?;
+                if !nl.addresses(VXLAN_DEVICE)?.contains(&addr) {
+                    nl.add_address(VXLAN_DEVICE, addr, Default::default())?;
+                }
+                Ok(())
+            })
+            .await??;
+        let state = VtepState { tunnel_addr, mac };
+        self.publish_node(Some(&state)).await?;
+        self.vxlan = Some(state);
+        Ok(())
+    }
+
+    /// Whether `ip` is allocated to `handle`.
+    async fn holds(&self, handle: &str, ip: IpAddr) -> Result<bool, AgentError> {
+        let snap = margay_ipam::audit::Snapshot::read(&self.store).await?;
+        Ok(margay_ipam::audit::find_address(&snap, ip)
+            .allocation
+            .is_some_and(|a| a.handle.as_deref() == Some(handle)))
+    }
+
+    /// Brings the kernel in line with the cluster. Safe to run any number of times.
+    pub async fn reconcile(&mut self, remote: &[RemoteRoute]) -> Result<(), AgentError> {
+        self.health.beat();
+        self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        let pools = self.my_pools();
+        // Sysctls first: forwarding is what makes this machine a router for its pods.
+        margay_kernel::sysctl::set_ipv4_forwarding(true)?;
+        // MTU: the host's, less the largest overhead any of this node's pools can add.
+        let host_mtu = self
+            .writer
+            .run(|nl| nl.host_mtu(None))
+            .await?
+            .unwrap_or(1500);
+        let mut encaps = vec![Encap::None];
+        if pools.iter().any(|p| p.spec.vxlan_mode != EncapMode::Never) {
+            encaps.push(Encap::VxlanV4);
+        }
+        if pools.iter().any(|p| p.spec.ipip_mode != EncapMode::Never) {
+            encaps.push(Encap::Ipip);
+        }
+        let mtu = if self.cfg.mtu != 0 {
+            self.cfg.mtu
+        } else {
+            pod_mtu(host_mtu, &encaps)
+        };
+        write_file_atomic(&self.cfg.state_dir.join("mtu"), &format!("{mtu}\n"))?;
+        self.ensure_vxlan(&pools, host_mtu).await?;
+        // NAT: pod sources in a natOutgoing pool going anywhere outside every pool.
+        let all_pools = self.view.pools.snapshot();
+        let nat_pools: Vec<NatPool> = all_pools
+            .iter()
+            .filter_map(|p| {
+                Some(NatPool {
+                    cidr: p.spec.network()?,
+                    nat_outgoing: p.spec.nat_outgoing && !p.spec.disabled,
+                })
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let nat = Nat::default();
+            nat.ensure()?;
+            nat.sync_pools(&nat_pools)
+        })
+        .await
+        .map_err(|e| AgentError::Address(format!("NAT task: {e}")))??;
+        // Routes.
+        let subnets = self.local_subnets();
+        let blocks = self.local_blocks();
+        let nodes = self.view.nodes.snapshot();
+        let desired = routes::desired(&routes::Inputs {
+            local_subnets: &subnets,
+            pools: &all_pools,
+            local_blocks: &blocks,
+            remote,
+            nodes: &nodes,
+        });
+        self.metrics
+            .skipped_prefixes
+            .store(desired.skipped.len() as u64, Ordering::Relaxed);
+        for (p, why) in &desired.skipped {
+            tracing::debug!(prefix = %p, "{why}");
+        }
+        self.program(desired).await
+    }
+
+    async fn program(&mut self, desired: routes::Desired) -> Result<(), AgentError> {
+        let installed = self
+            .writer
+            .dump(RouteFilter {
+                protocol: Some(MARGAY_RT_PROTO),
+                table: Some(MAIN_TABLE),
+                ..Default::default()
+            })
+            .await?;
+        let cali: HashSet<u32> = self
+            .writer
+            .run(|nl| nl.links_with_prefix("cali"))
+            .await??
+            .into_iter()
+            .map(|l| l.index)
+            .collect();
+        let by_key: BTreeMap<RouteKey, &margay_kernel::KernelRoute> =
+            installed.iter().map(|r| (r.key(), r)).collect();
+        let mut ops = Vec::new();
+        let mut repairs = 0;
+        for r in &desired.routes {
+            let same = by_key.get(&r.key()).is_some_and(|k| matches_kernel(r, k));
+            if !same {
+                if self.programmed.get(&r.key()) == Some(r) {
+                    repairs += 1;
+                }
+                ops.push(WriteOp::ReplaceRoute(r.clone()));
+            }
+        }
+        // Neighbour entries before the routes that use them, FDB entries alongside.
+        let (old_neigh, old_fdb) = std::mem::take(&mut self.tunnel_entries);
+        let mut tunnel_ops: Vec<WriteOp> = desired
+            .neighbours
+            .iter()
+            .cloned()
+            .map(WriteOp::ReplaceNeighbour)
+            .collect();
+        tunnel_ops.extend(desired.fdb.iter().cloned().map(WriteOp::ReplaceFdb));
+        tunnel_ops.extend(
+            old_neigh
+                .into_iter()
+                .filter(|n| !desired.neighbours.contains(n))
+                .map(WriteOp::DeleteNeighbour),
+        );
+        tunnel_ops.extend(
+            old_fdb
+                .into_iter()
+                .filter(|f| !desired.fdb.contains(f))
+                .map(WriteOp::DeleteFdb),
+        );
+        let wanted: HashSet<RouteKey> = desired.routes.iter().map(|r| r.key()).collect();
+        let mut swept = 0;
+        for k in installed.iter() {
+            // Host routes on cali* belong to the CNI plugin and go with their interface.
+            if k.oif.is_some_and(|i| cali.contains(&i)) {
+                continue;
+            }
+            if !wanted.contains(&k.key()) {
+                ops.push(WriteOp::DeleteRoute(k.key()));
+                swept += 1;
+            }
+        }
+        let mut all = tunnel_ops;
+        all.extend(ops);
+        let results = if all.is_empty() {
+            Vec::new()
+        } else {
+            self.writer.apply(all.clone()).await?
+        };
+        let mut first_err = None;
+        for (op, res) in all.iter().zip(results) {
+            if let Err(e) = res {
+                tracing::warn!(op = %op, error = %e, "kernel refused a change");
+                first_err.get_or_insert(e);
+            }
+        }
+        self.tunnel_entries = (desired.neighbours, desired.fdb);
+        self.programmed = desired
+            .routes
+            .iter()
+            .map(|r| (r.key(), r.clone()))
+            .collect();
+        self.metrics.repairs.fetch_add(repairs, Ordering::Relaxed);
+        self.metrics.swept.fetch_add(swept, Ordering::Relaxed);
+        self.metrics
+            .routes_programmed
+            .store(desired.routes.len() as u64, Ordering::Relaxed);
+        if repairs > 0 {
+            tracing::info!(repairs, "put back routes missing or changed in the kernel");
+        }
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => {
+                self.health.ready.store(true, Ordering::SeqCst);
+                *self
+                    .health
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Remote routes from the datastore: other nodes' confirmed blocks via their addresses.
+    pub fn datastore_routes(&self) -> Vec<RemoteRoute> {
+        routes::remote_from_affinities(
+            &self.node,
+            &self.view.affinities.snapshot(),
+            &self.view.nodes.snapshot(),
+        )
+    }
+
+    /// Runs until `shutdown` resolves: reconciles on changes, kernel events and the resync
+    /// interval. Routes stay in the kernel afterwards.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let mut pools_rx = self.view.pools.subscribe();
+        let mut aff_rx = self.view.affinities.subscribe();
+        let mut nodes_rx = self.view.nodes.subscribe();
+        let mut events = match EventSubscription::open(None) {
+            Ok(sub) => Some(CoalescingSubscription::new(
+                sub,
+                Coalescer::new(CoalescerConfig::default()),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "no kernel event subscription; relying on the periodic resync");
+                None
+            }
+        };
+        let mut ticker = tokio::time::interval(self.cfg.resync_interval);
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let remote = self.datastore_routes();
+            match self.reconcile(&remote).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    self.metrics
+                        .reconcile_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "reconcile failed; retrying");
+                    *self
+                        .health
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down; routes stay in place");
+                    return Ok(());
+                }
+                _ = ticker.tick() => {}
+                _ = pools_rx.changed() => {}
+                _ = aff_rx.changed() => {}
+                _ = nodes_rx.changed() => {}
+                batch = next_event(&mut events) => {
+                    if let Some(Err(e)) = batch {
+                        tracing::warn!(error = %e, "kernel event subscription failed");
+                        events = None;
+                    }
+                }
+            }
+            // Let a burst of changes settle into one pass.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn next_event(
+    events: &mut Option<CoalescingSubscription>,
+) -> Option<Result<margay_kernel::events::EventBatch, KernelError>> {
+    match events {
+        Some(sub) => Some(sub.next_batch().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the kernel's route is the one wanted (by type, gateway and onlink).
+fn matches_kernel(want: &margay_kernel::Route, have: &margay_kernel::KernelRoute) -> bool {
+    use margay_kernel::RouteType;
+    match &want.next_hop {
+        NextHop::Blackhole => have.kind == RouteType::Blackhole,
+        NextHop::Gateway { gw, onlink, .. } => {
+            have.kind == RouteType::Unicast && have.gateway == Some(*gw) && have.onlink == *onlink
+        }
+        NextHop::Device(_) => have.kind == RouteType::Unicast && have.gateway.is_none(),
+    }
+}

@@ -1,0 +1,1541 @@
+//! The allocator: assigns and releases addresses for one node over any datastore backend.
+//!
+//! Write order (each step one compare-and-swap; `docs/ipam.md` lists what a crash between any
+//! two leaves and who cleans it up):
+//!
+//! - assign in an affine block with room: (1) handle create/update with the block's count,
+//!   (2) block update with the allocation. The handle is written first so that every allocation
+//!   always has a handle naming its block, and release-by-handle can find it.
+//! - claim a block: (1) BlockAffinity `Pending`, (2) IPAMBlock create with the affinity,
+//!   (3) BlockAffinity `Confirmed`. The block create arbitrates between competing nodes.
+//! - release: (1) block update freeing the ordinals, (2) handle decrement (delete at zero).
+
+use crate::block::{self, Exclusions, Released, SpecificRefusal};
+use crate::clock::{self, Clock};
+use crate::error::{Family, IpamError, Result};
+use crate::pool::{self, AddressUse, PoolView};
+use ipnet::IpNet;
+use margay_api::names;
+use margay_api::{
+    AffinityState, AllocationAttribute, BlockAffinity, BlockAffinitySpec, IPAMBlock, IPAMConfig,
+    IPAMConfigSpec, IPAMHandle, IPAMHandleSpec, IPPool, IPReservation, Node, Store,
+    IPAM_CONFIG_NAME,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+/// Settings of one allocator.
+#[derive(Debug, Clone)]
+pub struct AllocatorConfig {
+    /// The node's labels, for pools' nodeSelector. `None`: read them from the Node object.
+    pub node_labels: Option<BTreeMap<String, String>>,
+    /// Bound on compare-and-swap retries of one write.
+    pub max_attempts: u32,
+    /// How old another node's empty block must be (since its claim) before this node may take
+    /// it over when its pools have no unclaimed block left.
+    pub reclaim_after: Duration,
+    /// How long pools, IPAMConfig and reservations read from the store are reused. Zero reads
+    /// them on every request (the CNI plugin makes a new allocator per call anyway).
+    pub policy_ttl: Duration,
+    pub clock: Clock,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            node_labels: None,
+            max_attempts: 10,
+            reclaim_after: Duration::from_secs(15 * 60),
+            policy_ttl: Duration::from_secs(2),
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// One allocation request. At least one of `num_v4`, `num_v6`, `addresses` must ask for
+/// something.
+#[derive(Debug, Clone, Default)]
+pub struct AssignRequest {
+    /// The owner: `k8s-pod-network.<containerID>` for pods (see [`crate::pod_handle`]).
+    pub handle_id: String,
+    /// Facts stored with each address: namespace, pod, node, type.
+    pub attrs: BTreeMap<String, String>,
+    pub num_v4: u32,
+    pub num_v6: u32,
+    /// Pools by name or CIDR; empty: every pool that fits the node and the use.
+    pub pools: Vec<String>,
+    pub use_: AddressUse,
+    /// Specific addresses (the `ipAddrs` annotation); each fails clearly if taken.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// One address handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignedAddress {
+    pub ip: IpAddr,
+    pub block: IpNet,
+    pub pool: String,
+    /// The sequence number of this allocation; a release naming it frees exactly this
+    /// allocation and never a later one of the same address.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub addresses: Vec<AssignedAddress>,
+}
+
+/// What releasing one address did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// Freed; it was held by this handle.
+    Released { handle: Option<String> },
+    /// The address was not allocated (or its block does not exist).
+    NotAllocated,
+    /// The address was handed out again since; the stale release freed nothing.
+    Stale { current: u64 },
+}
+
+/// The settings the allocator reads from the store, cached for `policy_ttl`.
+#[derive(Debug, Clone)]
+struct Policy {
+    pools: Vec<IPPool>,
+    config: IPAMConfigSpec,
+    reserved: Vec<IpNet>,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct NodeState {
+    /// This node's confirmed blocks, as last read or written. `None` until loaded.
+    blocks: Option<BTreeMap<IpNet, IPAMBlock>>,
+    policy: Option<(Instant, Arc<Policy>)>,
+}
+
+/// The allocator of one node. Cheap to clone; clones share the cache and the node lock, so
+/// requests of one process for one node never race each other (other processes and nodes are
+/// kept apart by compare-and-swap).
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    node: String,
+    cfg: AllocatorConfig,
+    state: Mutex<NodeState>,
+}
+
+/// The handle of one request, with the counts written to it ahead of block writes.
+struct HandleTx {
+    id: String,
+    name: String,
+    obj: Option<IPAMHandle>,
+    /// Counts added to the handle for allocations whose block write has not succeeded yet.
+    pending: BTreeMap<String, i64>,
+}
+
+impl HandleTx {
+    fn new(id: &str) -> HandleTx {
+        HandleTx {
+            id: id.to_owned(),
+            name: names::handle_name(id),
+            obj: None,
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+enum BlockMode {
+    /// One of this node's blocks: give up if its affinity changed.
+    Affine,
+    /// Borrowing from another node's (or no node's) block.
+    Borrow,
+}
+
+fn attribute(handle: &str, attrs: &BTreeMap<String, String>) -> AllocationAttribute {
+    AllocationAttribute {
+        handle_id: Some(handle.to_owned()),
+        secondary: attrs.clone(),
+    }
+}
+
+/// A short pause before retrying after a conflict, growing with the attempt, with jitter so
+/// that competing writers spread out.
+async fn backoff(attempt: u32) {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let base = 1u64 << attempt.min(6);
+    let ms = base + u64::from(nanos) % (base + 1);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+impl Allocator {
+    pub fn new(store: Store, node: impl Into<String>, config: AllocatorConfig) -> Allocator {
+        Allocator {
+            inner: Arc::new(Inner {
+                store,
+                node: node.into(),
+                cfg: config,
+                state: Mutex::new(NodeState::default()),
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.cfg.clock.now()
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.inner.cfg.max_attempts.max(1)
+    }
+
+    /// Forgets cached blocks and settings; the next request reads them again.
+    pub async fn invalidate(&self) {
+        let mut st = self.inner.state.lock().await;
+        *st = NodeState::default();
+    }
+
+    // ===== policy =====
+
+    async fn policy(&self, st: &mut NodeState) -> Result<Arc<Policy>> {
+        if let Some((at, p)) = &st.policy {
+            if at.elapsed() < self.inner.cfg.policy_ttl {
+                return Ok(p.clone());
+            }
+        }
+        let store = &self.inner.store;
+        let (pools, _) = store
+            .list::<IPPool>()
+            .await
+            .map_err(IpamError::store("list IPPools"))?;
+        let config = store
+            .try_get::<IPAMConfig>(IPAM_CONFIG_NAME)
+            .await
+            .map_err(IpamError::store("read IPAMConfig default"))?
+            .map(|c| c.spec)
+            .unwrap_or_default();
+        let (reservations, _) = store
+            .list::<IPReservation>()
+            .await
+            .map_err(IpamError::store("list IPReservations"))?;
+        let reserved = reservations
+            .iter()
+            .flat_map(|r| r.spec.networks())
+            .collect();
+        let labels = match &self.inner.cfg.node_labels {
+            Some(l) => l.clone(),
+            None => store
+                .try_get::<Node>(&self.inner.node)
+                .await
+                .map_err(IpamError::store(format!("read Node {}", self.inner.node)))?
+                .and_then(|n| n.metadata.labels)
+                .unwrap_or_default(),
+        };
+        let p = Arc::new(Policy {
+            pools,
+            config,
+            reserved,
+            labels,
+        });
+        st.policy = Some((Instant::now(), p.clone()));
+        Ok(p)
+    }
+
+    fn exclusions(policy: &Policy, pool: Option<&PoolView>) -> Exclusions {
+        Exclusions {
+            reserved: policy.reserved.clone(),
+            avoid_network_and_broadcast: pool.is_some_and(|p| p.avoid_network_and_broadcast),
+        }
+    }
+
+    /// The pool view for a block, among all pools (for exclusions when borrowing or
+    /// releasing).
+    fn pool_of_block(policy: &Policy, cidr: &IpNet) -> Option<PoolView> {
+        policy
+            .pools
+            .iter()
+            .filter_map(|p| pool::view(p, policy.config.strict_affinity))
+            .find(|p| p.net.contains(cidr))
+    }
+
+    // ===== this node's blocks =====
+
+    /// Loads this node's blocks, finishing or undoing what an interrupted claim left behind.
+    async fn my_blocks<'a>(
+        &self,
+        st: &'a mut NodeState,
+        policy: &Policy,
+    ) -> Result<&'a mut BTreeMap<IpNet, IPAMBlock>> {
+        if st.blocks.is_none() {
+            let blocks = self.load_blocks(policy).await?;
+            st.blocks = Some(blocks);
+        }
+        Ok(st.blocks.get_or_insert_with(BTreeMap::new))
+    }
+
+    async fn load_blocks(&self, policy: &Policy) -> Result<BTreeMap<IpNet, IPAMBlock>> {
+        let store = &self.inner.store;
+        let node = &self.inner.node;
+        let (affs, _) = store
+            .list::<BlockAffinity>()
+            .await
+            .map_err(IpamError::store("list BlockAffinities"))?;
+        let mut out = BTreeMap::new();
+        for aff in affs.into_iter().filter(|a| a.spec.node == *node) {
+            let Ok(cidr) = aff.spec.cidr.parse::<IpNet>() else {
+                continue;
+            };
+            if aff.spec.state == AffinityState::PendingDeletion {
+                continue;
+            }
+            let blk = store
+                .try_get::<IPAMBlock>(&names::block_name(&cidr))
+                .await
+                .map_err(IpamError::store(format!("read block {cidr}")))?;
+            match blk {
+                Some(b) if b.spec.affine_node() == Some(node.as_str()) => {
+                    if aff.spec.state == AffinityState::Pending {
+                        info!(node = %node, block = %cidr, "confirming the affinity of a block claimed before an interruption");
+                        self.confirm_affinity(&cidr).await?;
+                    }
+                    if !b.spec.deleted {
+                        out.insert(cidr, b);
+                    }
+                }
+                Some(b) => {
+                    info!(node = %node, block = %cidr, owner = ?b.spec.affinity, "dropping a stale affinity: the block belongs to another owner");
+                    self.delete_affinity(&aff).await?;
+                }
+                None if aff.spec.state == AffinityState::Pending
+                    && Self::pool_of_block(policy, &cidr)
+                        .is_some_and(|p| !policy_pool_disabled(policy, &p)) =>
+                {
+                    info!(node = %node, block = %cidr, "completing a block claim interrupted before the block was created");
+                    let pv = Self::pool_of_block(policy, &cidr).expect("checked above");
+                    if let Some(b) = self.claim(&cidr, &pv, policy).await? {
+                        out.insert(cidr, b);
+                    }
+                }
+                None => {
+                    info!(node = %node, block = %cidr, state = ?aff.spec.state, "dropping an affinity whose block does not exist");
+                    self.delete_affinity(&aff).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_affinity(&self, aff: &BlockAffinity) -> Result<()> {
+        match self.inner.store.delete(aff).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() || e.is_conflict() => Ok(()),
+            Err(e) => Err(IpamError::Store {
+                what: format!("delete BlockAffinity {}", aff.spec.cidr),
+                source: e,
+            }),
+        }
+    }
+
+    async fn confirm_affinity(&self, cidr: &IpNet) -> Result<()> {
+        let store = &self.inner.store;
+        let name = names::affinity_name(&self.inner.node, cidr);
+        for attempt in 0..self.max_attempts() {
+            let cur = store
+                .try_get::<BlockAffinity>(&name)
+                .await
+                .map_err(IpamError::store(format!("read BlockAffinity {name}")))?;
+            let res = match cur {
+                Some(a) if a.spec.state == AffinityState::Confirmed => return Ok(()),
+                Some(mut a) => {
+                    a.spec.state = AffinityState::Confirmed;
+                    store.update(&a).await.map(drop)
+                }
+                None => store
+                    .create(&self.affinity(cidr, AffinityState::Confirmed))
+                    .await
+                    .map(drop),
+            };
+            match res {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_conflict() || e.is_already_exists() || e.is_not_found() => {
+                    backoff(attempt).await
+                }
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("confirm BlockAffinity {name}"),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("confirm the affinity of block {cidr}"),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    fn affinity(&self, cidr: &IpNet, state: AffinityState) -> BlockAffinity {
+        BlockAffinity::new(
+            &names::affinity_name(&self.inner.node, cidr),
+            BlockAffinitySpec {
+                state,
+                node: self.inner.node.clone(),
+                cidr: cidr.to_string(),
+                deleted: false,
+            },
+        )
+    }
+
+    // ===== claiming blocks =====
+
+    /// Claims the unowned block `cidr` for this node: affinity pending, block created with the
+    /// affinity, affinity confirmed. `None` if another node won it.
+    async fn claim(
+        &self,
+        cidr: &IpNet,
+        pool: &PoolView,
+        policy: &Policy,
+    ) -> Result<Option<IPAMBlock>> {
+        let store = &self.inner.store;
+        let node = &self.inner.node;
+        // (1) Pending affinity. It exists already if an earlier claim was interrupted.
+        let pending = match store
+            .create(&self.affinity(cidr, AffinityState::Pending))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if e.is_already_exists() => {
+                let a = store
+                    .get::<BlockAffinity>(&names::affinity_name(node, cidr))
+                    .await
+                    .map_err(IpamError::store(format!("read BlockAffinity for {cidr}")))?;
+                if a.spec.state == AffinityState::PendingDeletion {
+                    return Ok(None);
+                }
+                a
+            }
+            Err(e) => {
+                return Err(IpamError::Store {
+                    what: format!("claim block {cidr}: create pending BlockAffinity"),
+                    source: e,
+                })
+            }
+        };
+        // (2) The block, carrying the affinity. Whoever creates it owns it.
+        let now = self.now();
+        let spec = block::new_block_spec(
+            cidr,
+            Some(node),
+            policy.config.strict_affinity || pool.strict_affinity,
+            Some(clock::rfc3339(now)),
+            self.inner.cfg.clock.now_micros(),
+        );
+        let blk = match store
+            .create(&IPAMBlock::new(&names::block_name(cidr), spec))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) if e.is_already_exists() => {
+                let b = store
+                    .try_get::<IPAMBlock>(&names::block_name(cidr))
+                    .await
+                    .map_err(IpamError::store(format!("read block {cidr}")))?;
+                match b {
+                    Some(b) if b.spec.affine_node() == Some(node.as_str()) && !b.spec.deleted => b,
+                    _ => {
+                        debug!(node = %node, block = %cidr, "another node claimed the block first");
+                        self.delete_affinity(&pending).await?;
+                        return Ok(None);
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(IpamError::Store {
+                    what: format!("claim block {cidr}: create IPAMBlock"),
+                    source: e,
+                })
+            }
+        };
+        // (3) Confirm.
+        self.confirm_affinity(cidr).await?;
+        info!(node = %node, block = %cidr, pool = %pool.name, "claimed block");
+        Ok(Some(blk))
+    }
+
+    /// Takes over another node's empty block that is older than `reclaim_after` (or a block
+    /// no node holds): our affinity pending, the block re-pointed at us (only while still
+    /// empty), our affinity confirmed, the old owner's affinity removed.
+    async fn reclaim(
+        &self,
+        mut blk: IPAMBlock,
+        pool: &PoolView,
+        policy: &Policy,
+    ) -> Result<Option<IPAMBlock>> {
+        let store = &self.inner.store;
+        let node = self.inner.node.clone();
+        let Some(cidr) = blk.spec.network() else {
+            return Ok(None);
+        };
+        let old = blk.spec.affine_node().map(str::to_owned);
+        let pending = match store
+            .create(&self.affinity(&cidr, AffinityState::Pending))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if e.is_already_exists() => store
+                .get::<BlockAffinity>(&names::affinity_name(&node, &cidr))
+                .await
+                .map_err(IpamError::store(format!("read BlockAffinity for {cidr}")))?,
+            Err(e) => {
+                return Err(IpamError::Store {
+                    what: format!("reclaim block {cidr}: create pending BlockAffinity"),
+                    source: e,
+                })
+            }
+        };
+        let now = self.now();
+        let mut taken = None;
+        for attempt in 0..self.max_attempts() {
+            if !block::is_empty(&blk.spec)
+                || blk.spec.deleted
+                || blk.spec.affinity != blk_affinity(&old)
+            {
+                break;
+            }
+            let mut new = blk.clone();
+            new.spec.affinity = Some(format!("{}{node}", margay_api::HOST_AFFINITY_PREFIX));
+            new.spec.affinity_claim_time = Some(clock::rfc3339(now));
+            new.spec.strict_affinity = policy.config.strict_affinity || pool.strict_affinity;
+            match store.update(&new).await {
+                Ok(b) => {
+                    taken = Some(b);
+                    break;
+                }
+                Err(e) if e.is_conflict() => {
+                    backoff(attempt).await;
+                    match store
+                        .try_get::<IPAMBlock>(&names::block_name(&cidr))
+                        .await
+                        .map_err(IpamError::store(format!("read block {cidr}")))?
+                    {
+                        Some(b) => blk = b,
+                        None => break,
+                    }
+                }
+                Err(e) if e.is_not_found() => break,
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("reclaim block {cidr}"),
+                        source: e,
+                    })
+                }
+            }
+        }
+        let Some(b) = taken else {
+            self.delete_affinity(&pending).await?;
+            return Ok(None);
+        };
+        self.confirm_affinity(&cidr).await?;
+        if let Some(old) = &old {
+            if let Some(a) = store
+                .try_get::<BlockAffinity>(&names::affinity_name(old, &cidr))
+                .await
+                .map_err(IpamError::store(format!(
+                    "read BlockAffinity of {old} for {cidr}"
+                )))?
+            {
+                self.delete_affinity(&a).await?;
+            }
+        }
+        info!(node = %node, block = %cidr, previous = ?old, "took over an empty block");
+        Ok(Some(b))
+    }
+
+    // ===== writing allocations =====
+
+    /// Makes the handle's count for `cidr` equal to what it held before this request plus
+    /// `want` pending allocations, in one handle write (none if already so).
+    async fn ensure_handle(&self, h: &mut HandleTx, cidr: &IpNet, want: i64) -> Result<()> {
+        let key = cidr.to_string();
+        let have = h.pending.get(&key).copied().unwrap_or(0);
+        if have == want {
+            return Ok(());
+        }
+        self.adjust_handle(h, &key, want - have).await?;
+        if want == 0 {
+            h.pending.remove(&key);
+        } else {
+            h.pending.insert(key, want);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the handle's count for block `key` (creating the handle, or deleting it
+    /// when nothing is left), with compare-and-swap.
+    async fn adjust_handle(&self, h: &mut HandleTx, key: &str, delta: i64) -> Result<()> {
+        let store = &self.inner.store;
+        if delta == 0 {
+            return Ok(());
+        }
+        for attempt in 0..self.max_attempts() {
+            let res = match h.obj.clone() {
+                None if delta < 0 => match store
+                    .try_get::<IPAMHandle>(&h.name)
+                    .await
+                    .map_err(IpamError::store(format!("read handle {}", h.id)))?
+                {
+                    Some(o) => {
+                        h.obj = Some(o);
+                        continue;
+                    }
+                    None => return Ok(()),
+                },
+                None => {
+                    let obj = IPAMHandle::new(
+                        &h.name,
+                        IPAMHandleSpec {
+                            handle_id: h.id.clone(),
+                            block: BTreeMap::from([(key.to_owned(), delta)]),
+                            deleted: false,
+                        },
+                    );
+                    store.create(&obj).await.map(Some)
+                }
+                Some(cur) => {
+                    let mut new = cur.clone();
+                    let c = new.spec.block.entry(key.to_owned()).or_insert(0);
+                    *c = (*c + delta).max(0);
+                    if *c == 0 {
+                        new.spec.block.remove(key);
+                    }
+                    if new.spec.block.is_empty() {
+                        store.delete(&cur).await.map(|()| None)
+                    } else {
+                        store.update(&new).await.map(Some)
+                    }
+                }
+            };
+            match res {
+                Ok(o) => {
+                    h.obj = o;
+                    return Ok(());
+                }
+                Err(e) if e.is_conflict() || e.is_already_exists() || e.is_not_found() => {
+                    h.obj = store
+                        .try_get::<IPAMHandle>(&h.name)
+                        .await
+                        .map_err(IpamError::store(format!("read handle {}", h.id)))?;
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                }
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("write handle {}", h.id),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("update handle {}", h.id),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    /// Allocates up to `n` addresses in the block `cidr` (handle first, then the block).
+    /// Returns fewer (or none) when the block has no more room.
+    #[allow(clippy::too_many_arguments)]
+    async fn alloc_in_block(
+        &self,
+        cache: Option<&mut BTreeMap<IpNet, IPAMBlock>>,
+        start: Option<IPAMBlock>,
+        cidr: &IpNet,
+        n: usize,
+        h: &mut HandleTx,
+        attrs: &BTreeMap<String, String>,
+        pool: &PoolView,
+        policy: &Policy,
+        mode: BlockMode,
+    ) -> Result<Vec<AssignedAddress>> {
+        let store = &self.inner.store;
+        let name = names::block_name(cidr);
+        let excl = Self::exclusions(policy, Some(pool));
+        let attr = attribute(&h.id, attrs);
+        let mut cache = cache;
+        // A block taken from the cache may be stale; one that looks full is read again
+        // before it is given up (others' releases do not reach this cache).
+        let (mut cur, mut fresh) = match start {
+            Some(b) => (Some(b), true),
+            None => (cache.as_ref().and_then(|c| c.get(cidr).cloned()), false),
+        };
+        for attempt in 0..self.max_attempts() {
+            let blk = match cur.take() {
+                Some(b) => b,
+                None => match store
+                    .try_get::<IPAMBlock>(&name)
+                    .await
+                    .map_err(IpamError::store(format!("read block {cidr}")))?
+                {
+                    Some(b) => {
+                        fresh = true;
+                        b
+                    }
+                    None => {
+                        if let Some(c) = cache.as_mut() {
+                            c.remove(cidr);
+                        }
+                        self.ensure_handle(h, cidr, 0).await?;
+                        return Ok(Vec::new());
+                    }
+                },
+            };
+            let ours = blk.spec.affine_node() == Some(self.inner.node.as_str());
+            let usable = !blk.spec.deleted
+                && match mode {
+                    BlockMode::Affine => ours,
+                    BlockMode::Borrow => {
+                        !blk.spec.strict_affinity && !policy.config.strict_affinity
+                    }
+                };
+            if !usable {
+                if let Some(c) = cache.as_mut() {
+                    c.remove(cidr);
+                }
+                self.ensure_handle(h, cidr, 0).await?;
+                return Ok(Vec::new());
+            }
+            let now = self.now();
+            let mut new = blk.clone();
+            let got = block::allocate(&mut new.spec, cidr, n, &attr, &excl, now);
+            if got.is_empty() && !fresh {
+                continue;
+            }
+            if got.is_empty() {
+                if let Some(c) = cache.as_mut() {
+                    c.insert(*cidr, blk);
+                }
+                self.ensure_handle(h, cidr, 0).await?;
+                return Ok(Vec::new());
+            }
+            self.ensure_handle(h, cidr, got.len() as i64).await?;
+            match store.update(&new).await {
+                Ok(written) => {
+                    h.pending.remove(&cidr.to_string());
+                    if let Some(c) = cache.as_mut() {
+                        c.insert(*cidr, written);
+                    }
+                    return Ok(got
+                        .into_iter()
+                        .map(|(o, seq)| AssignedAddress {
+                            ip: block::ip_of(cidr, o),
+                            block: *cidr,
+                            pool: pool.name.clone(),
+                            seq,
+                        })
+                        .collect());
+                }
+                Err(e) if e.is_conflict() || e.is_not_found() => {
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                }
+                // The write may or may not have happened. The handle already counts it, so
+                // a release by handle frees it either way; keep the handle as it is.
+                Err(e) => {
+                    h.pending.remove(&cidr.to_string());
+                    return Err(IpamError::Store {
+                        what: format!("allocate in block {cidr}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("allocate in block {cidr}"),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    // ===== assign =====
+
+    /// Assigns addresses as the request asks. All or nothing: when any part fails, what this
+    /// call already assigned is released again before the error is returned.
+    pub async fn assign(&self, req: &AssignRequest) -> Result<Assignment> {
+        if req.handle_id.is_empty() {
+            return Err(IpamError::InvalidRequest("the handle ID is empty".into()));
+        }
+        if req.num_v4 == 0 && req.num_v6 == 0 && req.addresses.is_empty() {
+            return Err(IpamError::InvalidRequest(format!(
+                "handle {}: the request asks for no address (numV4, numV6 and addresses are all empty)",
+                req.handle_id
+            )));
+        }
+        let mut st = self.inner.state.lock().await;
+        let policy = self.policy(&mut st).await?;
+        let mut h = HandleTx::new(&req.handle_id);
+        let mut out = Vec::new();
+        let res = self
+            .assign_locked(&mut st, &policy, req, &mut h, &mut out)
+            .await;
+        match res {
+            Ok(()) => Ok(Assignment { addresses: out }),
+            Err(e) => {
+                if !out.is_empty() {
+                    warn!(handle = %req.handle_id, error = %e, "releasing the addresses of a failed request");
+                    let ips: Vec<(IpAddr, Option<u64>)> =
+                        out.iter().map(|a| (a.ip, Some(a.seq))).collect();
+                    if let Err(e2) = self.release_locked(&mut st, &policy, &ips).await {
+                        warn!(handle = %req.handle_id, error = %e2, "could not release the addresses of a failed request; the controller's GC will");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn assign_locked(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        req: &AssignRequest,
+        h: &mut HandleTx,
+        out: &mut Vec<AssignedAddress>,
+    ) -> Result<()> {
+        for ip in &req.addresses {
+            out.push(self.assign_specific(st, policy, req, h, *ip).await?);
+        }
+        for (fam, n) in [(Family::V4, req.num_v4), (Family::V6, req.num_v6)] {
+            if n > 0 {
+                let got = self
+                    .assign_family(st, policy, req, h, fam, n as usize)
+                    .await?;
+                out.extend(got);
+            }
+        }
+        Ok(())
+    }
+
+    async fn assign_family(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        req: &AssignRequest,
+        h: &mut HandleTx,
+        fam: Family,
+        n: usize,
+    ) -> Result<Vec<AssignedAddress>> {
+        let node = self.inner.node.clone();
+        let strict = policy.config.strict_affinity;
+        let pools = pool::select(
+            &policy.pools,
+            fam,
+            req.use_,
+            &node,
+            &policy.labels,
+            &req.pools,
+            strict,
+        )?;
+        let mut out = Vec::new();
+
+        // 1. This node's blocks in the chosen pools: those with room in the cached copy first;
+        // the ones that look full are read again only if those do not suffice.
+        let mine: Vec<(IpNet, PoolView)> = {
+            let now = self.now();
+            let blocks = self.my_blocks(st, policy).await?;
+            let mut v: Vec<(bool, IpNet, PoolView)> = blocks
+                .iter()
+                .filter_map(|(c, b)| {
+                    let pv = pools.iter().find(|p| p.net.contains(c))?;
+                    let excl = Self::exclusions(policy, Some(pv));
+                    let full = block::available(&b.spec, c, &excl, now).next().is_none();
+                    Some((full, *c, pv.clone()))
+                })
+                .collect();
+            v.sort_by_key(|(full, c, _)| (*full, *c));
+            v.into_iter().map(|(_, c, p)| (c, p)).collect()
+        };
+        for (cidr, pv) in &mine {
+            let want = n - out.len();
+            let cache = st.blocks.as_mut();
+            let got = self
+                .alloc_in_block(
+                    cache,
+                    None,
+                    cidr,
+                    want,
+                    h,
+                    &req.attrs,
+                    pv,
+                    policy,
+                    BlockMode::Affine,
+                )
+                .await?;
+            out.extend(got);
+            if out.len() == n {
+                return Ok(out);
+            }
+        }
+
+        // 2. New blocks, while the node may hold more.
+        let mut limited = false;
+        if policy.config.auto_allocate_blocks {
+            for pv in &pools {
+                while out.len() < n {
+                    let held = self.blocks_held().await?;
+                    let max = policy.config.max_blocks_per_host;
+                    if max > 0 && held >= max {
+                        limited = true;
+                        break;
+                    }
+                    let Some(blk) = self.find_and_claim(pv, policy).await? else {
+                        break;
+                    };
+                    let cidr = blk.spec.network().expect("claimed block has a CIDR");
+                    let want = n - out.len();
+                    let cache = st.blocks.as_mut();
+                    let got = self
+                        .alloc_in_block(
+                            cache,
+                            Some(blk),
+                            &cidr,
+                            want,
+                            h,
+                            &req.attrs,
+                            pv,
+                            policy,
+                            BlockMode::Affine,
+                        )
+                        .await?;
+                    if got.is_empty() {
+                        // Excluded throughout (reservations): try another.
+                        continue;
+                    }
+                    out.extend(got);
+                }
+                if out.len() == n {
+                    return Ok(out);
+                }
+            }
+        }
+
+        // 3. Borrow from other nodes' blocks.
+        if !strict {
+            for pv in &pools {
+                let (blocks, _) = self
+                    .inner
+                    .store
+                    .list::<IPAMBlock>()
+                    .await
+                    .map_err(IpamError::store("list IPAMBlocks"))?;
+                let mut cands: Vec<IPAMBlock> = blocks
+                    .into_iter()
+                    .filter(|b| {
+                        b.spec.network().is_some_and(|c| pv.net.contains(&c))
+                            && b.spec.affine_node() != Some(node.as_str())
+                            && !b.spec.strict_affinity
+                            && !b.spec.deleted
+                    })
+                    .collect();
+                // Start at a node-seeded place so that borrowers spread out.
+                if !cands.is_empty() {
+                    let k = (pool::seed(&node) % cands.len() as u64) as usize;
+                    cands.rotate_left(k);
+                }
+                for b in cands {
+                    let cidr = b.spec.network().expect("filtered");
+                    let want = n - out.len();
+                    let got = self
+                        .alloc_in_block(
+                            None,
+                            Some(b),
+                            &cidr,
+                            want,
+                            h,
+                            &req.attrs,
+                            pv,
+                            policy,
+                            BlockMode::Borrow,
+                        )
+                        .await?;
+                    if !got.is_empty() {
+                        debug!(node = %node, block = %cidr, n = got.len(), "borrowed addresses from another node's block");
+                    }
+                    out.extend(got);
+                    if out.len() == n {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+
+        // Give back what we got: the request fails as a whole.
+        if !out.is_empty() {
+            let ips: Vec<(IpAddr, Option<u64>)> = out.iter().map(|a| (a.ip, Some(a.seq))).collect();
+            self.release_locked(st, policy, &ips).await?;
+        }
+        if limited {
+            return Err(IpamError::BlockLimit {
+                node,
+                held: self.blocks_held().await?,
+                max: policy.config.max_blocks_per_host,
+                strict,
+            });
+        }
+        Err(IpamError::PoolsFull {
+            pools: pools.iter().map(PoolView::label).collect(),
+            node,
+            strict,
+        })
+    }
+
+    /// Number of blocks this node holds or is claiming.
+    async fn blocks_held(&self) -> Result<u32> {
+        let (affs, _) = self
+            .inner
+            .store
+            .list::<BlockAffinity>()
+            .await
+            .map_err(IpamError::store("list BlockAffinities"))?;
+        Ok(affs
+            .iter()
+            .filter(|a| {
+                a.spec.node == self.inner.node && a.spec.state != AffinityState::PendingDeletion
+            })
+            .count() as u32)
+    }
+
+    /// Searches the pool from this node's start point for a block no one has made yet and
+    /// claims it; failing that, takes over an empty block old enough to reclaim.
+    async fn find_and_claim(&self, pv: &PoolView, policy: &Policy) -> Result<Option<IPAMBlock>> {
+        let (blocks, _) = self
+            .inner
+            .store
+            .list::<IPAMBlock>()
+            .await
+            .map_err(IpamError::store("list IPAMBlocks"))?;
+        let existing: HashSet<IpNet> = blocks.iter().filter_map(|b| b.spec.network()).collect();
+        let excl = Self::exclusions(policy, Some(pv));
+        let limit = existing.len() as u128 + 4096;
+        for cidr in pv.search_order(&self.inner.node, limit) {
+            if existing.contains(&cidr)
+                || existing
+                    .iter()
+                    .any(|e| e.contains(&cidr) || cidr.contains(e))
+            {
+                continue;
+            }
+            let size = block::block_size(&cidr).min(1 << 16) as u32;
+            if (0..size).all(|o| excl.excludes(&cidr, o)) {
+                continue;
+            }
+            if let Some(b) = self.claim(&cidr, pv, policy).await? {
+                return Ok(Some(b));
+            }
+        }
+        // Nothing unclaimed: take over an old enough empty block.
+        let now = self.now();
+        let min_age = self.inner.cfg.reclaim_after.as_secs();
+        let mut cands: Vec<IPAMBlock> = blocks
+            .into_iter()
+            .filter(|b| {
+                b.spec.network().is_some_and(|c| pv.net.contains(&c))
+                    && b.spec.affine_node() != Some(self.inner.node.as_str())
+                    && !b.spec.deleted
+                    && block::is_empty(&b.spec)
+                    && (b.spec.affinity.is_none()
+                        || b.spec
+                            .affinity_claim_time
+                            .as_deref()
+                            .and_then(clock::parse_rfc3339)
+                            .is_none_or(|t| t + min_age <= now))
+            })
+            .collect();
+        if !cands.is_empty() {
+            let k = (pool::seed(&self.inner.node) % cands.len() as u64) as usize;
+            cands.rotate_left(k);
+        }
+        for b in cands {
+            if let Some(b) = self.reclaim(b, pv, policy).await? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn assign_specific(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        req: &AssignRequest,
+        h: &mut HandleTx,
+        ip: IpAddr,
+    ) -> Result<AssignedAddress> {
+        let fam = Family::of(&ip);
+        let strict = policy.config.strict_affinity;
+        let pools = match pool::select(
+            &policy.pools,
+            fam,
+            req.use_,
+            &self.inner.node,
+            &policy.labels,
+            &req.pools,
+            strict,
+        ) {
+            Ok(p) => p,
+            Err(IpamError::NoPool { considered, .. }) => {
+                return Err(IpamError::AddressNotInPool {
+                    ip,
+                    pools: considered,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(pv) = pools.iter().find(|p| p.net.contains(&ip)).cloned() else {
+            return Err(IpamError::AddressNotInPool {
+                ip,
+                pools: pools.iter().map(PoolView::label).collect(),
+            });
+        };
+        let cidr = pv.block_of(&ip).expect("pool contains ip");
+        let ordinal = block::ordinal_of(&cidr, &ip).expect("block contains ip");
+        let store = &self.inner.store;
+        let name = names::block_name(&cidr);
+        let excl = Self::exclusions(policy, Some(&pv));
+        let attr = attribute(&h.id, &req.attrs);
+        let block_label = cidr.to_string();
+        for attempt in 0..self.max_attempts() {
+            let blk = match store
+                .try_get::<IPAMBlock>(&name)
+                .await
+                .map_err(IpamError::store(format!("read block {cidr}")))?
+            {
+                Some(b) => b,
+                None => match self.claim(&cidr, &pv, policy).await? {
+                    Some(b) => {
+                        if let Some(c) = st.blocks.as_mut() {
+                            c.insert(cidr, b.clone());
+                        }
+                        b
+                    }
+                    None => continue,
+                },
+            };
+            if blk.spec.deleted {
+                return Err(IpamError::AddressUnavailable {
+                    ip,
+                    block: block_label,
+                    reason: "the block is being released; try again shortly".into(),
+                });
+            }
+            let ours = blk.spec.affine_node() == Some(self.inner.node.as_str());
+            if !ours && (strict || blk.spec.strict_affinity) {
+                return Err(IpamError::AddressUnavailable {
+                    ip,
+                    block: block_label,
+                    reason: format!(
+                        "the block belongs to {} and strict affinity forbids using another node's block",
+                        blk.spec.affinity.as_deref().unwrap_or("no node")
+                    ),
+                });
+            }
+            let mut new = blk.clone();
+            let seq = match block::allocate_ordinal(
+                &mut new.spec,
+                &cidr,
+                ordinal,
+                &attr,
+                &excl,
+                self.now(),
+            ) {
+                Ok(s) => s,
+                Err(SpecificRefusal::InUse(owner)) => {
+                    self.ensure_handle(h, &cidr, 0).await?;
+                    return Err(IpamError::AddressInUse {
+                        ip,
+                        block: block_label,
+                        owner,
+                    });
+                }
+                Err(SpecificRefusal::Excluded(reason)) => {
+                    self.ensure_handle(h, &cidr, 0).await?;
+                    return Err(IpamError::AddressUnavailable {
+                        ip,
+                        block: block_label,
+                        reason,
+                    });
+                }
+                Err(SpecificRefusal::CoolingDown(until)) => {
+                    self.ensure_handle(h, &cidr, 0).await?;
+                    return Err(IpamError::AddressUnavailable {
+                        ip,
+                        block: block_label,
+                        reason: format!(
+                            "it was released recently and is held back by ipCooldownSeconds until {}",
+                            clock::rfc3339(until)
+                        ),
+                    });
+                }
+            };
+            let base = h.pending.get(&cidr.to_string()).copied().unwrap_or(0);
+            self.ensure_handle(h, &cidr, base.max(1)).await?;
+            match store.update(&new).await {
+                Ok(written) => {
+                    h.pending.remove(&cidr.to_string());
+                    if ours {
+                        if let Some(c) = st.blocks.as_mut() {
+                            c.insert(cidr, written);
+                        }
+                    }
+                    return Ok(AssignedAddress {
+                        ip,
+                        block: cidr,
+                        pool: pv.name.clone(),
+                        seq,
+                    });
+                }
+                Err(e) if e.is_conflict() || e.is_not_found() => backoff(attempt).await,
+                Err(e) => {
+                    h.pending.remove(&cidr.to_string());
+                    return Err(IpamError::Store {
+                        what: format!("allocate {ip} in block {cidr}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("allocate {ip} in block {cidr}"),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    // ===== release =====
+
+    /// Releases addresses. With a sequence number, an address is freed only if it is still the
+    /// allocation that number names; without one, whatever holds it is freed.
+    pub async fn release_ips(&self, ips: &[(IpAddr, Option<u64>)]) -> Result<Vec<ReleaseOutcome>> {
+        let mut st = self.inner.state.lock().await;
+        let policy = self.policy(&mut st).await?;
+        self.release_locked(&mut st, &policy, ips).await
+    }
+
+    async fn release_locked(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        ips: &[(IpAddr, Option<u64>)],
+    ) -> Result<Vec<ReleaseOutcome>> {
+        let store = &self.inner.store;
+        let mut outcomes = vec![ReleaseOutcome::NotAllocated; ips.len()];
+        // Group by block.
+        let mut by_block: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        let mut all_blocks: Option<Vec<IpNet>> = None;
+        for (i, (ip, _)) in ips.iter().enumerate() {
+            let cidr = match policy
+                .pools
+                .iter()
+                .filter_map(|p| pool::view(p, false))
+                .find_map(|p| p.block_of(ip))
+            {
+                Some(c) => Some(c),
+                None => {
+                    // The pool is gone; find the block among those that exist.
+                    if all_blocks.is_none() {
+                        let (bs, _) = store
+                            .list::<IPAMBlock>()
+                            .await
+                            .map_err(IpamError::store("list IPAMBlocks"))?;
+                        all_blocks = Some(bs.iter().filter_map(|b| b.spec.network()).collect());
+                    }
+                    all_blocks
+                        .as_ref()
+                        .and_then(|bs| bs.iter().find(|b| b.contains(ip)).copied())
+                }
+            };
+            if let Some(c) = cidr {
+                by_block.entry(c).or_default().push(i);
+            }
+        }
+        let cooldown = u64::from(policy.config.ip_cooldown_seconds);
+        let mut freed: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for (cidr, idxs) in by_block {
+            let name = names::block_name(&cidr);
+            let mut done = false;
+            for attempt in 0..self.max_attempts() {
+                let Some(blk) = store
+                    .try_get::<IPAMBlock>(&name)
+                    .await
+                    .map_err(IpamError::store(format!("read block {cidr}")))?
+                else {
+                    done = true;
+                    break;
+                };
+                let now = self.now();
+                let mut new = blk.clone();
+                let mut results = Vec::new();
+                for &i in &idxs {
+                    let (ip, seq) = ips[i];
+                    let r = match block::ordinal_of(&cidr, &ip) {
+                        Some(o) => block::release_ordinal(&mut new.spec, o, seq, cooldown, now),
+                        None => Released::NotAllocated,
+                    };
+                    results.push((i, r));
+                }
+                let any = results
+                    .iter()
+                    .any(|(_, r)| matches!(r, Released::Freed { .. }));
+                if any {
+                    match store.update(&new).await {
+                        Ok(written) => {
+                            if let Some(c) = st.blocks.as_mut() {
+                                if c.contains_key(&cidr) {
+                                    c.insert(cidr, written);
+                                }
+                            }
+                        }
+                        Err(e) if e.is_conflict() || e.is_not_found() => {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            return Err(IpamError::Store {
+                                what: format!("release addresses in block {cidr}"),
+                                source: e,
+                            })
+                        }
+                    }
+                }
+                for (i, r) in results {
+                    outcomes[i] = match r {
+                        Released::Freed { handle } => {
+                            if let Some(hd) = &handle {
+                                *freed
+                                    .entry(hd.clone())
+                                    .or_default()
+                                    .entry(cidr.to_string())
+                                    .or_default() += 1;
+                            }
+                            debug!(ip = %ips[i].0, block = %cidr, handle = ?handle, "released");
+                            ReleaseOutcome::Released { handle }
+                        }
+                        Released::NotAllocated => ReleaseOutcome::NotAllocated,
+                        Released::StaleSequence { current } => {
+                            info!(ip = %ips[i].0, block = %cidr, current, wanted = ?ips[i].1, "stale release ignored: the address was handed out again");
+                            ReleaseOutcome::Stale { current }
+                        }
+                    };
+                }
+                done = true;
+                break;
+            }
+            if !done {
+                return Err(IpamError::Contention {
+                    what: format!("release addresses in block {cidr}"),
+                    attempts: self.max_attempts(),
+                });
+            }
+        }
+        // Then the handles.
+        for (handle, counts) in freed {
+            let mut h = HandleTx::new(&handle);
+            for (key, n) in counts {
+                self.adjust_handle(&mut h, &key, -n).await?;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Releases every address of a handle, then the handle. Returns the addresses freed.
+    pub async fn release_by_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>> {
+        let mut st = self.inner.state.lock().await;
+        let policy = self.policy(&mut st).await?;
+        self.release_handle_locked(&mut st, &policy, handle_id)
+            .await
+    }
+
+    async fn release_handle_locked(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        handle_id: &str,
+    ) -> Result<Vec<IpAddr>> {
+        let store = &self.inner.store;
+        let hname = names::handle_name(handle_id);
+        let cooldown = u64::from(policy.config.ip_cooldown_seconds);
+        let mut freed_all = Vec::new();
+        for attempt in 0..self.max_attempts() {
+            let Some(handle) = store
+                .try_get::<IPAMHandle>(&hname)
+                .await
+                .map_err(IpamError::store(format!("read handle {handle_id}")))?
+            else {
+                return Ok(freed_all);
+            };
+            for key in handle.spec.block.keys() {
+                let Ok(cidr) = key.parse::<IpNet>() else {
+                    continue;
+                };
+                let name = names::block_name(&cidr);
+                let mut ok = false;
+                for attempt in 0..self.max_attempts() {
+                    let Some(blk) = store
+                        .try_get::<IPAMBlock>(&name)
+                        .await
+                        .map_err(IpamError::store(format!("read block {cidr}")))?
+                    else {
+                        ok = true;
+                        break;
+                    };
+                    let mut new = blk.clone();
+                    let ords =
+                        block::release_handle(&mut new.spec, handle_id, cooldown, self.now());
+                    if ords.is_empty() {
+                        ok = true;
+                        break;
+                    }
+                    match store.update(&new).await {
+                        Ok(written) => {
+                            if let Some(c) = st.blocks.as_mut() {
+                                if c.contains_key(&cidr) {
+                                    c.insert(cidr, written);
+                                }
+                            }
+                            freed_all.extend(ords.iter().map(|&o| block::ip_of(&cidr, o)));
+                            ok = true;
+                            break;
+                        }
+                        Err(e) if e.is_conflict() || e.is_not_found() => backoff(attempt).await,
+                        Err(e) => {
+                            return Err(IpamError::Store {
+                                what: format!("release handle {handle_id} in block {cidr}"),
+                                source: e,
+                            })
+                        }
+                    }
+                }
+                if !ok {
+                    return Err(IpamError::Contention {
+                        what: format!("release handle {handle_id} in block {cidr}"),
+                        attempts: self.max_attempts(),
+                    });
+                }
+            }
+            match store.delete(&handle).await {
+                Ok(()) => {
+                    debug!(handle = %handle_id, n = freed_all.len(), "released handle");
+                    return Ok(freed_all);
+                }
+                Err(e) if e.is_not_found() => return Ok(freed_all),
+                // Written meanwhile (an assign for the same handle): go round again.
+                Err(e) if e.is_conflict() => backoff(attempt).await,
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("delete handle {handle_id}"),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("release handle {handle_id}"),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    /// Loads this node's blocks, finishing claims an interruption left half done (pending
+    /// affinities) and dropping affinities whose block belongs to someone else. The node agent
+    /// calls it at start; requests do it on first use anyway.
+    pub async fn recover(&self) -> Result<Vec<IpNet>> {
+        let mut st = self.inner.state.lock().await;
+        st.blocks = None;
+        let policy = self.policy(&mut st).await?;
+        let blocks = self.my_blocks(&mut st, &policy).await?;
+        Ok(blocks.keys().copied().collect())
+    }
+
+    /// This node's blocks as the rest of Margay should see them: confirmed affinity and a
+    /// block that names the node. Pending claims count as absent (no route export).
+    pub async fn affine_blocks(&self) -> Result<Vec<IpNet>> {
+        affine_blocks(&self.inner.store, &self.inner.node).await
+    }
+}
+
+fn blk_affinity(node: &Option<String>) -> Option<String> {
+    node.as_ref()
+        .map(|n| format!("{}{n}", margay_api::HOST_AFFINITY_PREFIX))
+}
+
+fn policy_pool_disabled(policy: &Policy, pv: &PoolView) -> bool {
+    policy
+        .pools
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pv.name.as_str()))
+        .is_none_or(|p| pool::unusable_reason(p).is_some())
+}
+
+/// The blocks `node` owns for ownership and route export: a confirmed affinity whose block
+/// exists and names the node.
+pub async fn affine_blocks(store: &Store, node: &str) -> Result<Vec<IpNet>> {
+    let (affs, _) = store
+        .list::<BlockAffinity>()
+        .await
+        .map_err(IpamError::store("list BlockAffinities"))?;
+    let (blocks, _) = store
+        .list::<IPAMBlock>()
+        .await
+        .map_err(IpamError::store("list IPAMBlocks"))?;
+    let owners: HashMap<String, Option<String>> = blocks
+        .iter()
+        .map(|b| (b.spec.cidr.clone(), b.spec.affine_node().map(str::to_owned)))
+        .collect();
+    let mut out: Vec<IpNet> = affs
+        .iter()
+        .filter(|a| a.spec.node == node && a.spec.state == AffinityState::Confirmed)
+        .filter(|a| {
+            owners
+                .get(&a.spec.cidr)
+                .is_some_and(|o| o.as_deref() == Some(node))
+        })
+        .filter_map(|a| a.spec.cidr.parse().ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Retries a store read on `Unavailable` a few times; used by tools that run after outages.
+pub async fn with_retries<T, F, Fut>(attempts: u32, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut last = None;
+    for attempt in 0..attempts.max(1) {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                last = Some(e);
+                backoff(attempt + 3).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}

@@ -1,0 +1,275 @@
+//! Which pools a request may use, and where in a pool a node looks for a free block.
+
+use crate::error::{Family, IpamError};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use margay_api::selector::Selector;
+use margay_api::{AllowedUse, IPPool};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// The status condition the controller sets to `False` on a pool whose immutable fields were
+/// changed after blocks were made from it; the allocator then gives no new addresses from it.
+pub const CONDITION_VALID: &str = "Valid";
+
+/// What addresses are for, which decides the pools that may give them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddressUse {
+    #[default]
+    Workload,
+    Tunnel,
+}
+
+impl AddressUse {
+    pub fn allowed_use(self) -> AllowedUse {
+        match self {
+            AddressUse::Workload => AllowedUse::Workload,
+            AddressUse::Tunnel => AllowedUse::Tunnel,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressUse::Workload => "Workload",
+            AddressUse::Tunnel => "Tunnel",
+        }
+    }
+}
+
+/// A pool as the allocator uses it.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    pub name: String,
+    pub net: IpNet,
+    pub block_prefix: u8,
+    pub avoid_network_and_broadcast: bool,
+    pub strict_affinity: bool,
+}
+
+impl PoolView {
+    /// `cidr (name)`, the way messages name a pool.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.net, self.name)
+    }
+
+    pub fn family(&self) -> Family {
+        if self.net.addr().is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// The block of this pool that contains `ip`.
+    pub fn block_of(&self, ip: &IpAddr) -> Option<IpNet> {
+        if !self.net.contains(ip) {
+            return None;
+        }
+        IpNet::new(*ip, self.block_prefix).ok().map(|n| n.trunc())
+    }
+
+    /// Number of blocks in the pool (saturating).
+    pub fn block_count(&self) -> u128 {
+        let bits = u32::from(self.block_prefix - self.net.prefix_len());
+        if bits >= 127 {
+            u128::MAX
+        } else {
+            1u128 << bits
+        }
+    }
+
+    /// The `n`th block of the pool.
+    pub fn nth_block(&self, n: u128) -> IpNet {
+        match self.net {
+            IpNet::V4(p) => {
+                let step = 1u64 << (32 - self.block_prefix);
+                let base = u64::from(u32::from(p.network()));
+                let addr = (base + (n as u64) * step) as u32;
+                IpNet::V4(Ipv4Net::new(addr.into(), self.block_prefix).expect("prefix within 32"))
+            }
+            IpNet::V6(p) => {
+                let shift = 128 - u32::from(self.block_prefix);
+                let base = u128::from(p.network());
+                let addr = base.wrapping_add(n.checked_shl(shift).unwrap_or(0));
+                IpNet::V6(Ipv6Net::new(addr.into(), self.block_prefix).expect("prefix within 128"))
+            }
+        }
+    }
+
+    /// Blocks of the pool in the order a node searches them: from a start point seeded by the
+    /// node's name, wrapping around, at most `limit` of them.
+    pub fn search_order(&self, node: &str, limit: u128) -> impl Iterator<Item = IpNet> + '_ {
+        let count = self.block_count();
+        let start = u128::from(seed(node)) % count;
+        (0..count.min(limit)).map(move |i| self.nth_block((start + i) % count))
+    }
+}
+
+/// FNV-1a of the node name: a stable, well-spread start point for the block search.
+pub fn seed(node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Why a pool gives no new addresses, if it does not.
+pub fn unusable_reason(pool: &IPPool) -> Option<String> {
+    if pool.spec.disabled {
+        return Some("the pool is disabled".into());
+    }
+    if pool.spec.network().is_none() {
+        return Some(format!("its cidr {:?} does not parse", pool.spec.cidr));
+    }
+    let invalid = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_VALID))
+        .filter(|c| c.status == "False");
+    invalid.map(|c| format!("the controller marked it invalid: {}", c.message))
+}
+
+pub fn view(pool: &IPPool, strict_affinity: bool) -> Option<PoolView> {
+    let net = pool.spec.network()?.trunc();
+    Some(PoolView {
+        name: pool.metadata.name.clone().unwrap_or_default(),
+        net,
+        block_prefix: pool.spec.effective_block_size(),
+        avoid_network_and_broadcast: pool.spec.avoid_block_network_and_broadcast,
+        strict_affinity,
+    })
+}
+
+/// The pools a request of `family` and `use_` may draw from on a node with `labels`: the ones it
+/// names (by name or CIDR), else every enabled pool whose nodeSelector matches and whose
+/// allowedUses fit. Sorted by name so that every node tries them in the same order.
+pub fn select(
+    pools: &[IPPool],
+    family: Family,
+    use_: AddressUse,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    requested: &[String],
+    strict_affinity: bool,
+) -> Result<Vec<PoolView>, IpamError> {
+    let fam_ok = |p: &IPPool| {
+        p.spec
+            .network()
+            .is_some_and(|n| n.addr().is_ipv4() == (family == Family::V4))
+    };
+    if !requested.is_empty() {
+        let mut out = Vec::new();
+        for r in requested {
+            let found = pools.iter().find(|p| {
+                p.metadata.name.as_deref() == Some(r.as_str())
+                    || p.spec.cidr == *r
+                    || r.parse::<IpNet>().ok().map(|n| n.trunc()) == p.spec.network()
+            });
+            let Some(p) = found else {
+                return Err(IpamError::PoolUnusable {
+                    pool: r.clone(),
+                    reason: "no such pool (give an IPPool name or its exact CIDR)".into(),
+                });
+            };
+            if !fam_ok(p) {
+                continue;
+            }
+            if let Some(reason) = unusable_reason(p) {
+                return Err(IpamError::PoolUnusable {
+                    pool: r.clone(),
+                    reason,
+                });
+            }
+            if !p.spec.allowed_uses.contains(&use_.allowed_use()) {
+                return Err(IpamError::PoolUnusable {
+                    pool: r.clone(),
+                    reason: format!(
+                        "its allowedUses {:?} do not include {}",
+                        p.spec.allowed_uses,
+                        use_.name()
+                    ),
+                });
+            }
+            out.extend(view(p, strict_affinity));
+        }
+        if out.is_empty() {
+            return Err(IpamError::NoPool {
+                family,
+                use_: use_.name(),
+                node: node.into(),
+                considered: requested.to_vec(),
+            });
+        }
+        return Ok(out);
+    }
+    let mut considered = Vec::new();
+    let mut out: Vec<PoolView> = pools
+        .iter()
+        .filter(|p| fam_ok(p))
+        .filter(|p| {
+            considered.push(format!(
+                "{} ({})",
+                p.spec.cidr,
+                p.metadata.name.as_deref().unwrap_or("")
+            ));
+            unusable_reason(p).is_none()
+                && p.spec.allowed_uses.contains(&use_.allowed_use())
+                && Selector::parse(&p.spec.node_selector).is_ok_and(|s| s.matches(labels))
+        })
+        .filter_map(|p| view(p, strict_affinity))
+        .collect();
+    if out.is_empty() {
+        return Err(IpamError::NoPool {
+            family,
+            use_: use_.name(),
+            node: node.into(),
+            considered,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(cidr: &str, bs: u8) -> PoolView {
+        PoolView {
+            name: "p".into(),
+            net: cidr.parse().unwrap(),
+            block_prefix: bs,
+            avoid_network_and_broadcast: false,
+            strict_affinity: false,
+        }
+    }
+
+    #[test]
+    fn blocks_are_enumerated_for_both_families() {
+        let p = v("10.244.0.0/16", 26);
+        assert_eq!(p.block_count(), 1024);
+        assert_eq!(p.nth_block(1).to_string(), "10.244.0.64/26");
+        assert_eq!(p.nth_block(1023).to_string(), "10.244.255.192/26");
+        let p6 = v("fd00::/64", 122);
+        assert_eq!(p6.block_count(), 1 << 58);
+        assert_eq!(p6.nth_block(1).to_string(), "fd00::40/122");
+        assert_eq!(
+            p6.block_of(&"fd00::1234".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "fd00::1200/122"
+        );
+    }
+
+    #[test]
+    fn different_nodes_start_their_search_in_different_places() {
+        let p = v("10.244.0.0/16", 26);
+        let starts: std::collections::HashSet<IpNet> = (0..50)
+            .map(|i| p.search_order(&format!("node-{i}"), 1).next().unwrap())
+            .collect();
+        assert!(starts.len() >= 45, "only {} distinct starts", starts.len());
+        let all: std::collections::HashSet<IpNet> = p.search_order("n", u128::MAX).collect();
+        assert_eq!(all.len(), 1024);
+    }
+}
