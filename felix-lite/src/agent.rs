@@ -230,6 +230,8 @@ pub struct Agent {
     /// Neighbour and FDB entries this agent has written, to remove them when unwanted.
     tunnel_entries: (Vec<Neighbour>, Vec<FdbEntry>),
     vxlan: Option<VtepState>,
+    /// Whether the missing-IPIP error was logged already.
+    ipip_warned: bool,
     /// The routes the last pass programmed: one of them missing from the kernel now is drift
     /// (a repair), not a change of intent.
     programmed: HashMap<RouteKey, margay_kernel::Route>,
@@ -308,6 +310,7 @@ impl Agent {
             tunnel_entries: Default::default(),
             vxlan: None,
             programmed: HashMap::new(),
+            ipip_warned: false,
         };
         agent.publish_node(None).await?;
         Ok((agent, status))
@@ -433,43 +436,15 @@ impl Agent {
             }
             return Ok(());
         };
-        // Keep the address already published if it is still ours; otherwise allocate one.
         let current = self
             .view
             .nodes
             .get(&self.node)
             .and_then(|n| n.spec.ipv4_vxlan_tunnel_addr)
             .and_then(|a| a.parse::<IpAddr>().ok());
-        let tunnel_addr = match current {
-            Some(ip) if self.holds(&handle, ip).await? => ip,
-            _ => {
-                let alloc =
-                    Allocator::new(self.store.clone(), &self.node, AllocatorConfig::default());
-                alloc.release_by_handle(&handle).await?;
-                let mut attrs = BTreeMap::new();
-                attrs.insert(margay_ipam::attr::NODE.to_owned(), self.node.clone());
-                attrs.insert(
-                    margay_ipam::attr::TYPE.to_owned(),
-                    TunnelKind::Vxlan.attr_type().to_owned(),
-                );
-                let got = alloc
-                    .assign(&AssignRequest {
-                        handle_id: handle.clone(),
-                        attrs,
-                        num_v4: 1,
-                        pools: wanted
-                            .iter()
-                            .filter_map(|p| p.metadata.name.clone())
-                            .collect(),
-                        use_: AddressUse::Tunnel,
-                        ..Default::default()
-                    })
-                    .await?;
-                got.addresses.first().map(|a| a.ip).ok_or_else(|| {
-                    AgentError::Address("the allocator returned no tunnel address".into())
-                })?
-            }
-        };
+        let tunnel_addr = self
+            .tunnel_address(TunnelKind::Vxlan, current, &wanted)
+            .await?;
         let mac = vtep_mac(&self.node);
         let spec = VxlanSpec::margay(
             local.addr(),
@@ -490,6 +465,138 @@ impl Agent {
         self.publish_node(Some(&state)).await?;
         self.vxlan = Some(state);
         Ok(())
+    }
+
+    /// This node's tunnel address of `kind`: the one already published if it is still
+    /// allocated to the node's tunnel handle, otherwise a new one from `pools` (anything the
+    /// handle held before is released first, so a node never holds two).
+    async fn tunnel_address(
+        &self,
+        kind: TunnelKind,
+        current: Option<IpAddr>,
+        pools: &[&IPPool],
+    ) -> Result<IpAddr, AgentError> {
+        let handle = tunnel_handle(kind, &self.node);
+        if let Some(ip) = current {
+            if self.holds(&handle, ip).await? {
+                return Ok(ip);
+            }
+        }
+        let alloc = Allocator::new(self.store.clone(), &self.node, AllocatorConfig::default());
+        alloc.release_by_handle(&handle).await?;
+        let mut attrs = BTreeMap::new();
+        attrs.insert(margay_ipam::attr::NODE.to_owned(), self.node.clone());
+        attrs.insert(
+            margay_ipam::attr::TYPE.to_owned(),
+            kind.attr_type().to_owned(),
+        );
+        let got = alloc
+            .assign(&AssignRequest {
+                handle_id: handle.clone(),
+                attrs,
+                num_v4: 1,
+                pools: pools
+                    .iter()
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect(),
+                use_: AddressUse::Tunnel,
+                ..Default::default()
+            })
+            .await?;
+        got.addresses
+            .first()
+            .map(|a| a.ip)
+            .ok_or_else(|| AgentError::Address("the allocator returned no tunnel address".into()))
+    }
+
+    /// Ensures `tunl0` with its tunnel address when a pool for this node uses IPIP and the
+    /// kernel can do IPIP. Returns whether IPIP routes can be programmed.
+    async fn ensure_ipip(&mut self, pools: &[IPPool], host_mtu: u32) -> Result<bool, AgentError> {
+        let wanted: Vec<&IPPool> = pools
+            .iter()
+            .filter(|p| {
+                p.spec.ipip_mode != EncapMode::Never
+                    && p.spec.network().is_some_and(|n| n.addr().is_ipv4())
+            })
+            .collect();
+        let handle = tunnel_handle(TunnelKind::Ipip, &self.node);
+        let published = self
+            .view
+            .nodes
+            .get(&self.node)
+            .and_then(|n| n.spec.bgp.and_then(|b| b.ipv4_ipip_tunnel_addr))
+            .and_then(|a| a.parse::<IpAddr>().ok());
+        if wanted.is_empty() || self.address.is_none() {
+            if published.is_some() {
+                let alloc =
+                    Allocator::new(self.store.clone(), &self.node, AllocatorConfig::default());
+                alloc.release_by_handle(&handle).await?;
+                self.publish_ipip(None).await?;
+            }
+            return Ok(false);
+        }
+        if let Err(e) = self.writer.run(|nl| nl.ipip_probe()).await? {
+            if !self.ipip_warned {
+                tracing::error!(error = %e, "a pool uses IPIP but this kernel cannot create ipip devices; IPIP routes are not programmed");
+                self.ipip_warned = true;
+            }
+            return Ok(false);
+        }
+        let addr = self
+            .tunnel_address(TunnelKind::Ipip, published, &wanted)
+            .await?;
+        let IpAddr::V4(v4) = addr else {
+            return Err(AgentError::Address(format!(
+                "IPIP tunnel address {addr} is not IPv4"
+            )));
+        };
+        let mtu = host_mtu.saturating_sub(Encap::Ipip.overhead());
+        self.writer
+            .run(move |nl| nl.ensure_tunl0(Some(v4), mtu))
+            .await??;
+        self.publish_ipip(Some(addr)).await?;
+        Ok(true)
+    }
+
+    /// Records this node's IPIP tunnel address in its Node object.
+    async fn publish_ipip(&self, addr: Option<IpAddr>) -> Result<(), AgentError> {
+        for _ in 0..10 {
+            let Some(mut n) = self.store.try_get::<Node>(&self.node).await? else {
+                return Ok(());
+            };
+            let mut bgp = n.spec.bgp.clone().unwrap_or_default();
+            let want = addr.map(|a| a.to_string());
+            if bgp.ipv4_ipip_tunnel_addr == want {
+                return Ok(());
+            }
+            bgp.ipv4_ipip_tunnel_addr = want;
+            n.spec.bgp = Some(bgp);
+            match self.store.update(&n).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-interface sysctls of every pod interface: the CNI plugin sets them when it creates
+    /// the veth; the agent puts back any that drifted.
+    fn ensure_pod_interface_sysctls(names: &[String]) {
+        use margay_kernel::sysctl;
+        for n in names {
+            let result = (|| -> Result<(), KernelError> {
+                sysctl::set_proxy_arp(n, true)?;
+                sysctl::set_neigh_proxy_delay(n, 0)?;
+                sysctl::set_iface_forwarding(n, false, true)?;
+                sysctl::set_route_localnet(n, true)?;
+                Ok(())
+            })();
+            if let Err(e) = result {
+                // The interface may have gone between the listing and the write.
+                tracing::debug!(iface = %n, error = %e, "pod interface sysctls");
+            }
+        }
     }
 
     /// Whether `ip` is allocated to `handle`.
@@ -527,6 +634,17 @@ impl Agent {
         };
         write_file_atomic(&self.cfg.state_dir.join("mtu"), &format!("{mtu}\n"))?;
         self.ensure_vxlan(&pools, host_mtu).await?;
+        let ipip_available = self.ensure_ipip(&pools, host_mtu).await?;
+        let cali: Vec<String> = self
+            .writer
+            .run(|nl| nl.links_with_prefix("cali"))
+            .await??
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        tokio::task::spawn_blocking(move || Agent::ensure_pod_interface_sysctls(&cali))
+            .await
+            .map_err(|e| AgentError::Address(format!("sysctl task: {e}")))?;
         // NAT: pod sources in a natOutgoing pool going anywhere outside every pool.
         let all_pools = self.view.pools.snapshot();
         let nat_pools: Vec<NatPool> = all_pools
@@ -555,6 +673,7 @@ impl Agent {
             local_blocks: &blocks,
             remote,
             nodes: &nodes,
+            ipip_available,
         });
         self.metrics
             .skipped_prefixes

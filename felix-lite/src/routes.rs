@@ -41,6 +41,9 @@ pub struct Inputs<'a> {
     pub remote: &'a [RemoteRoute],
     /// Every Margay Node, for the remote VTEP addresses and MACs.
     pub nodes: &'a [Node],
+    /// Whether this kernel can carry IPIP (`tunl0`); when not, IPIP routes are reported as
+    /// skipped instead of failing every pass.
+    pub ipip_available: bool,
 }
 
 /// What the kernel should hold.
@@ -158,8 +161,15 @@ pub fn desired(inputs: &Inputs<'_>) -> Desired {
             && prefix.addr().is_ipv4()
             && encapsulate(ipip, r.next_hop, inputs.local_subnets)
         {
-            out.routes
-                .push(Route::via_dev(prefix, r.next_hop, IPIP_DEVICE, true));
+            if inputs.ipip_available {
+                out.routes
+                    .push(Route::via_dev(prefix, r.next_hop, IPIP_DEVICE, true));
+            } else {
+                out.skipped.push((
+                    prefix,
+                    "the pool needs IPIP but this kernel has no ipip module".into(),
+                ));
+            }
         } else if direct {
             out.routes.push(Route::via(prefix, r.next_hop));
         } else {
@@ -263,6 +273,7 @@ mod tests {
             local_blocks: &blocks,
             remote,
             nodes,
+            ipip_available: true,
         })
         .routes
         .iter()
@@ -326,6 +337,22 @@ mod tests {
     }
 
     #[test]
+    fn ipip_routes_are_reported_not_written_without_the_module() {
+        let pools = [pool("10.244.0.0/16", EncapMode::Always, EncapMode::Never)];
+        let subnets = [net(LOCAL)];
+        let d = desired(&Inputs {
+            local_subnets: &subnets,
+            pools: &pools,
+            local_blocks: &[],
+            remote: &[remote("10.244.2.0/26", "192.168.1.11")],
+            nodes: &[],
+            ipip_available: false,
+        });
+        assert!(d.routes.is_empty());
+        assert!(d.skipped[0].1.contains("no ipip module"), "{:?}", d.skipped);
+    }
+
+    #[test]
     fn vxlan_cross_subnet_programs_route_neighbour_and_fdb() {
         let pools = [pool(
             "10.244.0.0/16",
@@ -356,6 +383,7 @@ mod tests {
             local_blocks: &blocks,
             remote: &remote,
             nodes: &nodes,
+            ipip_available: true,
         });
         let routes: Vec<String> = d.routes.iter().map(show).collect();
         assert_eq!(
@@ -386,6 +414,7 @@ mod tests {
             local_blocks: &[],
             remote: &[remote("10.244.2.0/26", "192.168.1.11")],
             nodes: &[node("n2", "192.168.1.11/24", None)],
+            ipip_available: true,
         });
         assert!(d.routes.is_empty());
         assert_eq!(d.skipped.len(), 1);
@@ -404,6 +433,7 @@ mod tests {
                 remote("10.9.0.0/24", "192.168.1.10"),
             ],
             nodes: &[],
+            ipip_available: true,
         });
         let routes: Vec<String> = d.routes.iter().map(show).collect();
         assert_eq!(routes, vec!["fd00:10::40/122 via fd00:1::11"]);
