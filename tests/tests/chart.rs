@@ -57,7 +57,10 @@ fn value_sets() -> Vec<(String, Vec<PathBuf>)> {
         .collect();
     files.sort();
     for f in files {
-        sets.push((f.file_name().unwrap().to_string_lossy().into_owned(), vec![f]));
+        sets.push((
+            f.file_name().unwrap().to_string_lossy().into_owned(),
+            vec![f],
+        ));
     }
     sets
 }
@@ -101,7 +104,11 @@ fn helm_lint_strict_passes() {
 #[test]
 fn every_value_set_renders_and_every_container_is_bounded_and_probed() {
     let sets = value_sets();
-    assert!(sets.len() >= 6, "default plus at least five value sets, have {}", sets.len());
+    assert!(
+        sets.len() >= 6,
+        "default plus at least five value sets, have {}",
+        sets.len()
+    );
     for (set, files) in sets {
         let objs = render(&files, false).unwrap_or_else(|e| panic!("{set}: {e}"));
         for o in objs.iter() {
@@ -117,13 +124,20 @@ fn every_value_set_renders_and_every_container_is_bounded_and_probed() {
                     kind(o),
                     name(o)
                 );
-                assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], Value::Bool(false), "{set}: {cname}");
+                assert_eq!(
+                    c["securityContext"]["allowPrivilegeEscalation"],
+                    Value::Bool(false),
+                    "{set}: {cname}"
+                );
             }
             // Every long-running container serves health endpoints and is probed on them.
             for c in containers {
                 let cname = c["name"].as_str().unwrap_or("");
                 for probe in ["livenessProbe", "readinessProbe"] {
-                    assert!(c[probe]["httpGet"]["path"].as_str().is_some(), "{set}: {cname} has no {probe}");
+                    assert!(
+                        c[probe]["httpGet"]["path"].as_str().is_some(),
+                        "{set}: {cname} has no {probe}"
+                    );
                 }
             }
         }
@@ -133,12 +147,29 @@ fn every_value_set_renders_and_every_container_is_bounded_and_probed() {
 #[test]
 fn the_node_agent_has_exactly_the_host_access_it_needs() {
     let objs = render(&[], false).expect("render");
-    let ds = objs.iter().find(|o| kind(o) == "DaemonSet").expect("DaemonSet");
+    let ds = objs
+        .iter()
+        .find(|o| kind(o) == "DaemonSet")
+        .expect("DaemonSet");
     let spec = pod_spec(ds).unwrap();
     assert_eq!(spec["hostNetwork"], Value::Bool(true));
-    assert_eq!(spec["priorityClassName"].as_str(), Some("system-node-critical"));
-    assert_eq!(spec["tolerations"][0]["operator"].as_str(), Some("Exists"), "tolerates every taint");
-    assert_eq!(s(ds, &["spec", "updateStrategy", "rollingUpdate", "maxUnavailable"]).as_u64(), Some(1));
+    assert_eq!(
+        spec["priorityClassName"].as_str(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        spec["tolerations"][0]["operator"].as_str(),
+        Some("Exists"),
+        "tolerates every taint"
+    );
+    assert_eq!(
+        s(
+            ds,
+            &["spec", "updateStrategy", "rollingUpdate", "maxUnavailable"]
+        )
+        .as_u64(),
+        Some(1)
+    );
     let host_paths: BTreeSet<&str> = spec["volumes"]
         .as_sequence()
         .unwrap()
@@ -147,7 +178,12 @@ fn the_node_agent_has_exactly_the_host_access_it_needs() {
         .collect();
     assert_eq!(
         host_paths,
-        BTreeSet::from(["/opt/cni/bin", "/etc/cni/net.d", "/var/lib/margay", "/proc/sys/net"]),
+        BTreeSet::from([
+            "/opt/cni/bin",
+            "/etc/cni/net.d",
+            "/var/lib/margay",
+            "/proc/sys/net"
+        ]),
         "host mounts differ from those the chart README lists"
     );
     let agent = &spec["containers"][0];
@@ -158,7 +194,10 @@ fn the_node_agent_has_exactly_the_host_access_it_needs() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(caps, BTreeSet::from(["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"]));
+    assert_eq!(
+        caps,
+        BTreeSet::from(["NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"])
+    );
     assert_eq!(
         agent["securityContext"]["capabilities"]["drop"][0].as_str(),
         Some("ALL")
@@ -166,7 +205,11 @@ fn the_node_agent_has_exactly_the_host_access_it_needs() {
     let init = &spec["initContainers"][0];
     assert_eq!(init["command"][0].as_str(), Some("margay-cni"));
     assert_eq!(init["command"][1].as_str(), Some("install"));
-    assert!(agent["ports"].as_sequence().unwrap().iter().any(|p| p["name"].as_str() == Some("metrics")));
+    assert!(agent["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"].as_str() == Some("metrics")));
 }
 
 #[test]
@@ -179,7 +222,13 @@ fn no_role_grants_everything() {
             for rule in o["rules"].as_sequence().into_iter().flatten() {
                 for field in ["verbs", "resources", "apiGroups"] {
                     for v in rule[field].as_sequence().into_iter().flatten() {
-                        assert_ne!(v.as_str(), Some("*"), "{set}: {} {} grants * in {field}", kind(&o), name(&o));
+                        assert_ne!(
+                            v.as_str(),
+                            Some("*"),
+                            "{set}: {} {} grants * in {field}",
+                            kind(&o),
+                            name(&o)
+                        );
                     }
                 }
             }
@@ -234,9 +283,15 @@ fn the_conflist_names_binaries_the_node_image_ships() {
                 .unwrap_or_else(|e| panic!("{set}: the conflist is not JSON: {e}"));
         for p in conflist["plugins"].as_array().unwrap() {
             let t = p["type"].as_str().unwrap();
-            assert!(bins.contains(t), "{set}: plugin type {t} is not in the node image ({bins:?})");
+            assert!(
+                bins.contains(t),
+                "{set}: plugin type {t} is not in the node image ({bins:?})"
+            );
             if let Some(ipam) = p["ipam"]["type"].as_str() {
-                assert!(bins.contains(ipam), "{set}: IPAM type {ipam} is not in the node image");
+                assert!(
+                    bins.contains(ipam),
+                    "{set}: IPAM type {ipam} is not in the node image"
+                );
             }
         }
         // The binaries the workloads run are shipped too.
@@ -249,11 +304,18 @@ fn the_conflist_names_binaries_the_node_image_ships() {
                 other => panic!("{set}: unexpected workload {other}"),
             };
             let shipped = shipped_binaries(image_file);
-            let all = spec["containers"].as_sequence().into_iter().flatten()
+            let all = spec["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
                 .chain(spec["initContainers"].as_sequence().into_iter().flatten());
             for c in all {
                 let cmd = c["command"][0].as_str().unwrap();
-                assert!(shipped.contains(cmd), "{set}: {} runs {cmd}, which {image_file} does not ship", name(o));
+                assert!(
+                    shipped.contains(cmd),
+                    "{set}: {} runs {cmd}, which {image_file} does not ship",
+                    name(o)
+                );
             }
         }
     }
@@ -262,9 +324,11 @@ fn the_conflist_names_binaries_the_node_image_ships() {
 #[test]
 fn values_of_the_wrong_type_or_unknown_keys_are_rejected() {
     let data = root().join("tests/data/chart");
-    let err = render(&[data.join("wrong-type-values.yaml")], false).expect_err("wrong type accepted");
+    let err =
+        render(&[data.join("wrong-type-values.yaml")], false).expect_err("wrong type accepted");
     assert!(err.contains("mtu") && err.contains("Invalid type"), "{err}");
-    let err = render(&[data.join("unknown-key-values.yaml")], false).expect_err("unknown key accepted");
+    let err =
+        render(&[data.join("unknown-key-values.yaml")], false).expect_err("unknown key accepted");
     assert!(err.contains("ippools"), "{err}");
 }
 
@@ -290,9 +354,16 @@ fn route_reflector_wiring_is_rendered_only_when_enabled() {
     let default = render(&[], false).expect("render");
     assert!(!default.iter().any(|o| name(o) == "margay-bgpd"));
     let rr = render(&[chart().join("ci/route-reflectors-values.yaml")], false).expect("render");
-    assert!(rr.iter().any(|o| kind(o) == "StatefulSet" && name(o) == "margay-bgpd"));
+    assert!(rr
+        .iter()
+        .any(|o| kind(o) == "StatefulSet" && name(o) == "margay-bgpd"));
     let peers: Vec<&Value> = rr.iter().filter(|o| kind(o) == "BGPPeer").collect();
-    assert!(peers.iter().any(|p| s(p, &["spec", "peerSelector"]).as_str() == Some("has(margay.io/route-reflector)")));
+    assert!(peers.iter().any(
+        |p| s(p, &["spec", "peerSelector"]).as_str() == Some("has(margay.io/route-reflector)")
+    ));
     let cfg = rr.iter().find(|o| kind(o) == "BGPConfiguration").unwrap();
-    assert_eq!(s(cfg, &["spec", "nodeToNodeMeshEnabled"]), &Value::Bool(false));
+    assert_eq!(
+        s(cfg, &["spec", "nodeToNodeMeshEnabled"]),
+        &Value::Bool(false)
+    );
 }
