@@ -18,7 +18,8 @@ use crate::routes::{self, RemoteRoute};
 use ipnet::IpNet;
 use margay_api::store::informer::Informer;
 use margay_api::{
-    AffinityState, BlockAffinity, EncapMode, IPPool, Node, NodeBGPSpec, Store, StoreError,
+    AffinityState, BGPConfiguration, BGPPeer, BlockAffinity, EncapMode, IPAMBlock, IPPool, Node,
+    NodeBGPSpec, Store, StoreError,
 };
 use margay_ipam::{
     tunnel_handle, AddressUse, Allocator, AllocatorConfig, AssignRequest, TunnelKind,
@@ -199,6 +200,9 @@ struct View {
     pools: Informer<IPPool>,
     affinities: Informer<BlockAffinity>,
     nodes: Informer<Node>,
+    bgp_configs: Informer<BGPConfiguration>,
+    bgp_peers: Informer<BGPPeer>,
+    blocks: Informer<IPAMBlock>,
 }
 
 impl View {
@@ -207,6 +211,9 @@ impl View {
             pools: Informer::spawn(store.clone()),
             affinities: Informer::spawn(store.clone()),
             nodes: Informer::spawn(store.clone()),
+            bgp_configs: Informer::spawn(store.clone()),
+            bgp_peers: Informer::spawn(store.clone()),
+            blocks: Informer::spawn(store.clone()),
         }
     }
 
@@ -214,6 +221,24 @@ impl View {
         self.pools.wait_synced().await;
         self.affinities.wait_synced().await;
         self.nodes.wait_synced().await;
+        self.bgp_configs.wait_synced().await;
+        self.bgp_peers.wait_synced().await;
+        self.blocks.wait_synced().await;
+    }
+
+    /// The cluster-wide BGPConfiguration, with a per-node one's settings taking precedence.
+    fn bgp_config(&self, node: &str) -> Option<BGPConfiguration> {
+        let global = self.bgp_configs.get(margay_api::BGP_CONFIGURATION_NAME);
+        match (global, self.bgp_configs.get(&format!("node.{node}"))) {
+            (Some(mut g), Some(n)) => {
+                let (gs, ns) = (&mut g.spec, n.spec);
+                gs.as_number = ns.as_number.or(gs.as_number);
+                gs.listen_port = ns.listen_port.or(gs.listen_port);
+                gs.log_severity_screen = ns.log_severity_screen.or(gs.log_severity_screen);
+                Some(g)
+            }
+            (g, n) => g.or(n),
+        }
     }
 }
 
@@ -232,6 +257,9 @@ pub struct Agent {
     vxlan: Option<VtepState>,
     /// Whether the missing-IPIP error was logged already.
     ipip_warned: bool,
+    /// The embedded BGP speaker, when BGP is enabled.
+    bgp: Option<crate::bgp::BgpDriver>,
+    best_routes: Option<margay_bgp::BestRouteStream>,
     /// The routes the last pass programmed: one of them missing from the kernel now is drift
     /// (a repair), not a change of intent.
     programmed: HashMap<RouteKey, margay_kernel::Route>,
@@ -311,13 +339,141 @@ impl Agent {
             vxlan: None,
             programmed: HashMap::new(),
             ipip_warned: false,
+            bgp: None,
+            best_routes: None,
         };
         agent.publish_node(None).await?;
+        let mut agent = agent;
+        if agent.cfg.bgp_enabled {
+            agent.start_bgp().await?;
+        }
         Ok((agent, status))
     }
 
     pub fn node_name(&self) -> &str {
         &self.node
+    }
+
+    /// Starts the embedded speaker on the node's address. When the kernel still holds routes
+    /// from the previous run, this is a graceful restart: forwarding was preserved.
+    async fn start_bgp(&mut self) -> Result<(), AgentError> {
+        let Some(IpAddr::V4(router_id)) = self.address.map(|a| a.addr()) else {
+            tracing::warn!("BGP needs an IPv4 node address for its router ID; BGP not started");
+            return Ok(());
+        };
+        let config = self.view.bgp_config(&self.node);
+        let me = self.view.nodes.get(&self.node);
+        let asn = crate::bgp::node_as(me.as_ref(), config.as_ref());
+        let port = config
+            .as_ref()
+            .map(|c| c.spec.effective_listen_port())
+            .unwrap_or(179);
+        let restart_time = config
+            .as_ref()
+            .and_then(|c| c.spec.node_mesh_max_restart_time.as_deref())
+            .and_then(margay_api::parse_duration)
+            .map(|d| d.as_secs().min(4095) as u16)
+            .unwrap_or(120);
+        let ours = self
+            .writer
+            .dump(RouteFilter {
+                protocol: Some(MARGAY_RT_PROTO),
+                table: Some(MAIN_TABLE),
+                ..Default::default()
+            })
+            .await?;
+        let mut sc = margay_bgp::SpeakerConfig::new(asn, router_id);
+        sc.listen = vec![std::net::SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port,
+        )];
+        sc.cluster_id = me
+            .and_then(|n| n.spec.bgp)
+            .and_then(|b| b.route_reflector_cluster_id)
+            .and_then(|c| c.parse().ok());
+        sc.graceful_restart = Some(margay_bgp::GracefulRestartConfig {
+            restart_time,
+            forwarding_preserved: true,
+        });
+        sc.restarting = !ours.is_empty();
+        let (handle, stream) = margay_bgp::Speaker::start(sc)
+            .await
+            .map_err(|e| AgentError::Address(format!("starting the BGP speaker: {e}")))?;
+        tracing::info!(asn, router_id = %router_id, port, restarting = !ours.is_empty(), "BGP speaker started");
+        self.bgp = Some(crate::bgp::BgpDriver::new(
+            handle,
+            Some(crate::bgp::origin_tag(asn, router_id)),
+        ));
+        self.best_routes = Some(stream);
+        Ok(())
+    }
+
+    /// Brings the speaker's peers and announcements in line with the cluster.
+    async fn sync_bgp(&mut self) {
+        let labels = self
+            .view
+            .nodes
+            .get(&self.node)
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default();
+        let nodes = self.view.nodes.snapshot();
+        let config = self.view.bgp_config(&self.node);
+        let peers = self.view.bgp_peers.snapshot();
+        let want = crate::bgp::desired_peers(&crate::bgp::PeerInputs {
+            me: &self.node,
+            my_labels: &labels,
+            nodes: &nodes,
+            config: config.as_ref(),
+            peers: &peers,
+        });
+        let local = self.local_blocks();
+        let borrowed = self.borrowed_addresses();
+        let pools = self.view.pools.snapshot();
+        let Some(bgp) = self.bgp.as_mut() else { return };
+        bgp.set_peers(want).await;
+        bgp.set_announcements(crate::bgp::announcements(&local, &borrowed, &pools));
+        if let Ok(peers) = bgp.handle.peers().await {
+            let up = peers.iter().filter(|p| p.state == "Established").count();
+            self.metrics
+                .bgp_sessions_established
+                .store(up as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Addresses of pods on this node that came from other nodes' blocks (borrowed when this
+    /// node could get no block of its own); they are announced as host routes.
+    fn borrowed_addresses(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for b in self.view.blocks.snapshot() {
+            if b.spec.affine_node() == Some(self.node.as_str()) {
+                continue;
+            }
+            let Some(cidr) = b.spec.network() else {
+                continue;
+            };
+            for (ordinal, a) in b.spec.allocations.iter().enumerate() {
+                let Some(idx) = a else { continue };
+                let on_me = b
+                    .spec
+                    .attributes
+                    .get(*idx as usize)
+                    .and_then(|attr| attr.secondary.get(margay_ipam::attr::NODE))
+                    .is_some_and(|n| *n == self.node);
+                if on_me {
+                    out.push(margay_ipam::block::ip_of(&cidr, ordinal as u32));
+                }
+            }
+        }
+        out
+    }
+
+    /// The routes to program for other nodes' pods: learned over BGP, or from the datastore
+    /// when BGP is off.
+    fn remote_routes(&self) -> Vec<RemoteRoute> {
+        match &self.bgp {
+            Some(b) => b.remote_routes(),
+            None => self.datastore_routes(),
+        }
     }
 
     /// Writes this node's address, AS and VTEP into its Node object (created if missing),
@@ -806,6 +962,10 @@ impl Agent {
         let mut pools_rx = self.view.pools.subscribe();
         let mut aff_rx = self.view.affinities.subscribe();
         let mut nodes_rx = self.view.nodes.subscribe();
+        let mut cfg_rx = self.view.bgp_configs.subscribe();
+        let mut peers_rx = self.view.bgp_peers.subscribe();
+        let mut blocks_rx = self.view.blocks.subscribe();
+        let mut best = self.best_routes.take();
         let mut events = match EventSubscription::open(None) {
             Ok(sub) => Some(CoalescingSubscription::new(
                 sub,
@@ -820,7 +980,8 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
         loop {
-            let remote = self.datastore_routes();
+            self.sync_bgp().await;
+            let remote = self.remote_routes();
             match self.reconcile(&remote).await {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
@@ -850,6 +1011,15 @@ impl Agent {
                 _ = pools_rx.changed() => {}
                 _ = aff_rx.changed() => {}
                 _ = nodes_rx.changed() => {}
+                _ = cfg_rx.changed() => {}
+                _ = peers_rx.changed() => {}
+                _ = blocks_rx.changed() => {}
+                changes = next_best(&mut best) => {
+                    match (changes, self.bgp.as_mut()) {
+                        (Some(c), Some(b)) => b.learn(c),
+                        _ => best = None,
+                    }
+                }
                 batch = next_event(&mut events) => {
                     if let Some(Err(e)) = batch {
                         tracing::warn!(error = %e, "kernel event subscription failed");
@@ -860,6 +1030,15 @@ impl Agent {
             // Let a burst of changes settle into one pass.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+async fn next_best(
+    best: &mut Option<margay_bgp::BestRouteStream>,
+) -> Option<Vec<margay_bgp::BestRouteChange>> {
+    match best {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod autodetect;
+pub mod bgp;
 pub mod config;
 pub mod http;
 pub mod routes;

@@ -31,6 +31,7 @@ fn start_agent(
     addr: &str,
     etcd: &str,
     state: &std::path::Path,
+    bgp: bool,
 ) -> AgentProcess {
     let child = ns
         .command(env!("CARGO_BIN_EXE_margay-node"))
@@ -39,7 +40,7 @@ fn start_agent(
         .env("MARGAY_ETCD_PREFIX", "/margay-agent-test/")
         .env("IP", addr)
         .env("MARGAY_STATE_DIR", state)
-        .env("MARGAY_BGP_ENABLED", "false")
+        .env("MARGAY_BGP_ENABLED", if bgp { "true" } else { "false" })
         .env("MARGAY_RESYNC_INTERVAL", "30s")
         .env("MARGAY_HEALTH_LISTEN", "127.0.0.1:9099")
         .env("MARGAY_METRICS_LISTEN", "127.0.0.1:9091")
@@ -68,11 +69,25 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duratio
     start.elapsed()
 }
 
+/// Routes from the datastore (BGP off: the VXLAN-only way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netns_blocks_become_routes_and_drift_is_repaired() {
     if !can_build_namespaces("netns_blocks_become_routes_and_drift_is_repaired") {
         return;
     }
+    blocks_become_routes(false).await;
+}
+
+/// The same over the BGP full mesh of the embedded speakers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_bgp_mesh_carries_blocks_between_nodes() {
+    if !can_build_namespaces("netns_bgp_mesh_carries_blocks_between_nodes") {
+        return;
+    }
+    blocks_become_routes(true).await;
+}
+
+async fn blocks_become_routes(bgp: bool) {
     let p = unique_prefix("mgn");
     let mut fabric = Fabric::new(&p).unwrap();
     fabric.attach_host("192.168.251.1/24").unwrap();
@@ -137,6 +152,7 @@ async fn netns_blocks_become_routes_and_drift_is_repaired() {
                 &format!("192.168.251.1{}/24", i + 1),
                 &endpoint,
                 &dir,
+                bgp,
             )
         })
         .collect();

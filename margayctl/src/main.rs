@@ -7,7 +7,9 @@ use margay_api::{DatastoreConfig, Store};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bgp;
 mod ipam;
+mod lab;
 mod output;
 mod pool;
 
@@ -43,6 +45,12 @@ enum Command {
     /// Show, check and release allocated addresses.
     #[command(subcommand)]
     Ipam(ipam::IpamCommand),
+    /// BGP peers and routes from a margay-bgpd status endpoint.
+    #[command(subcommand)]
+    Bgp(bgp::BgpCommand),
+    /// A whole Margay cluster on this machine, in network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 impl Cli {
@@ -96,6 +104,8 @@ async fn main() -> ExitCode {
             Ok(store) => pool::run(&store, cmd).await,
             Err(e) => Err(e),
         },
+        Command::Bgp(cmd) => bgp::run(cmd).await,
+        Command::Lab(cmd) => lab::run(cmd).await,
         Command::Ipam(cmd) => match (cli.store().await, cli.datastore()) {
             (Ok(store), Ok(ds)) => ipam::run(&store, &ds, cmd).await,
             (Err(e), _) | (_, Err(e)) => Err(e),

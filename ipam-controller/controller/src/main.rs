@@ -148,6 +148,17 @@ async fn run() -> anyhow::Result<()> {
         }
     };
 
+    // SIGTERM (what Kubernetes sends) and Ctrl-C both stop the controller, releasing the lease
+    // so a standby takes over at once.
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    tokio::pin!(stop);
     let metrics = Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(&opts.metrics_addr)
         .await
@@ -173,7 +184,7 @@ async fn run() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
         }
         metrics.set_leader(true);
         let mut next_pass = Instant::now();
@@ -186,7 +197,7 @@ async fn run() -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(elector.renew_interval()) => {}
-                _ = tokio::signal::ctrl_c() => {
+                _ = &mut stop => {
                     elector.release().await;
                     return Ok(());
                 }

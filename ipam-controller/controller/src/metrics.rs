@@ -171,7 +171,7 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path {
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                "/healthz" | "/readyz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/healthz" | "/livez" | "/readyz" => ("200 OK", "text/plain", "ok\n".to_owned()),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
             let resp = format!(

@@ -1,0 +1,486 @@
+//! The agent's BGP: which peers this node has, which prefixes it announces, and the routes it
+//! learned, from the cluster's resources. The decisions are pure functions; [`BgpDriver`]
+//! applies them to the embedded speaker without resetting sessions that did not change.
+//!
+//! Peers, as Calico chooses them:
+//! - the node-to-node mesh (BGPConfiguration `nodeToNodeMeshEnabled`): every other node with an
+//!   address;
+//! - each BGPPeer that selects this node (`node`, `nodeSelector`, or neither: every node): its
+//!   `peerIP`, or every node its `peerSelector` matches (route reflectors);
+//! - a node with `routeReflectorClusterID` reflects for the Margay nodes it peers with that are
+//!   not reflectors themselves.
+
+use crate::routes::RemoteRoute;
+use ipnet::IpNet;
+use margay_api::selector::Selector;
+use margay_api::{
+    parse_duration, parse_peer_ip, BGPConfiguration, BGPPeer, IPPool, NextHopMode as ApiNextHop,
+    Node, SourceAddress, DEFAULT_AS_NUMBER,
+};
+use margay_bgp::wire::Prefix;
+use margay_bgp::{NextHopMode, PathAttrs, PeerConfig, SpeakerHandle};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// The large community this node tags its own announcements with: (node AS, 77, the node's
+/// IPv4 address). Routers outside the cluster (BGPPeers with a `peerIP`) are sent only routes
+/// carrying it, so a ToR learns each block from the node that owns it, not from every node that
+/// heard it over the mesh; the tag is removed on the way out.
+pub fn origin_tag(asn: u32, router_id: std::net::Ipv4Addr) -> margay_bgp::wire::LargeCommunity {
+    margay_bgp::wire::LargeCommunity {
+        global_admin: asn,
+        local_data1: 77,
+        local_data2: u32::from(router_id),
+    }
+}
+
+/// Export policy towards routers outside the cluster: only this node's own routes.
+fn own_routes_only(tag: margay_bgp::wire::LargeCommunity) -> margay_bgp::Policy {
+    use margay_bgp::rib::policy::{Match, Rule, Set, Verdict};
+    margay_bgp::Policy {
+        rules: vec![Rule {
+            matches: Match {
+                large_communities: vec![tag],
+                ..Default::default()
+            },
+            set: Set {
+                remove_large_communities: vec![tag],
+                ..Default::default()
+            },
+            action: Verdict::Accept,
+        }],
+        default: Verdict::Reject,
+    }
+}
+
+/// What the peer selection reads.
+pub struct PeerInputs<'a> {
+    pub me: &'a str,
+    pub my_labels: &'a BTreeMap<String, String>,
+    pub nodes: &'a [Node],
+    pub config: Option<&'a BGPConfiguration>,
+    pub peers: &'a [BGPPeer],
+}
+
+pub fn node_ip(n: &Node) -> Option<IpAddr> {
+    n.spec
+        .bgp
+        .as_ref()?
+        .ipv4_address
+        .as_deref()?
+        .parse::<IpNet>()
+        .ok()
+        .map(|a| a.addr())
+}
+
+/// The AS of `n`: its own, else the cluster's, else 64512.
+pub fn node_as(n: Option<&Node>, config: Option<&BGPConfiguration>) -> u32 {
+    n.and_then(|n| n.spec.bgp.as_ref()?.as_number)
+        .or_else(|| config.and_then(|c| c.spec.as_number))
+        .unwrap_or(DEFAULT_AS_NUMBER)
+}
+
+fn is_reflector(n: &Node) -> bool {
+    n.spec
+        .bgp
+        .as_ref()
+        .is_some_and(|b| b.route_reflector_cluster_id.is_some())
+}
+
+fn labels(n: &Node) -> BTreeMap<String, String> {
+    n.metadata.labels.clone().unwrap_or_default()
+}
+
+fn selects(sel: &str, labels: &BTreeMap<String, String>) -> bool {
+    Selector::parse(sel)
+        .map(|s| s.matches(labels))
+        .unwrap_or(false)
+}
+
+/// The peers this node should have, by address.
+pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
+    let me = i
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(i.me));
+    let my_as = node_as(me, i.config);
+    let my_ip = me.and_then(node_ip);
+    let i_reflect = me.is_some_and(is_reflector);
+    let mut out: BTreeMap<IpAddr, PeerConfig> = BTreeMap::new();
+    let add_node = |n: &Node, from: &BGPPeer, out: &mut BTreeMap<IpAddr, PeerConfig>| {
+        let Some(ip) = node_ip(n) else { return };
+        if Some(ip) == my_ip {
+            return;
+        }
+        let mut p = PeerConfig::new(ip, node_as(Some(n), i.config));
+        p.description = n.metadata.name.clone().unwrap_or_default();
+        apply_peer_spec(&mut p, from, my_ip);
+        p.rr_client = i_reflect && !is_reflector(n) && p.asn == my_as;
+        out.insert(ip, p);
+    };
+    let mesh = i.config.is_none_or(|c| c.spec.mesh_enabled());
+    if mesh {
+        let empty = BGPPeer::new("mesh", Default::default());
+        for n in i.nodes {
+            if n.metadata.name.as_deref() != Some(i.me) {
+                add_node(n, &empty, &mut out);
+            }
+        }
+    }
+    for bp in i.peers {
+        let s = &bp.spec;
+        let mine = match (&s.node, &s.node_selector) {
+            (Some(n), _) => n == i.me,
+            (None, Some(sel)) => selects(sel, i.my_labels),
+            (None, None) => true,
+        };
+        if !mine {
+            continue;
+        }
+        if let Some(peer_ip) = &s.peer_ip {
+            let Some((ip, port)) = parse_peer_ip(peer_ip) else {
+                continue;
+            };
+            let mut p = PeerConfig::new(ip, s.as_number.unwrap_or(my_as));
+            p.description = bp.metadata.name.clone().unwrap_or_default();
+            if let Some(port) = port {
+                p.port = port;
+            }
+            apply_peer_spec(&mut p, bp, my_ip);
+            if let Some(std::net::IpAddr::V4(rid)) = my_ip {
+                p.export = own_routes_only(origin_tag(my_as, rid));
+            }
+            out.insert(ip, p);
+        } else if let Some(sel) = &s.peer_selector {
+            for n in i.nodes {
+                if n.metadata.name.as_deref() != Some(i.me) && selects(sel, &labels(n)) {
+                    add_node(n, bp, &mut out);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn apply_peer_spec(p: &mut PeerConfig, bp: &BGPPeer, my_ip: Option<IpAddr>) {
+    let s = &bp.spec;
+    if let Some(k) = s.keepalive_time.as_deref().and_then(parse_duration) {
+        p.hold_time = if k.is_zero() {
+            0
+        } else {
+            (k.as_secs() * 3).min(65535) as u16
+        };
+    }
+    p.next_hop = match s.next_hop_mode.unwrap_or_default() {
+        ApiNextHop::Auto => NextHopMode::Auto,
+        ApiNextHop::SelfAddress => NextHopMode::SelfAddr,
+        ApiNextHop::Keep => NextHopMode::Keep,
+    };
+    if s.source_address.unwrap_or_default() == SourceAddress::UseNodeIP {
+        p.local_address = my_ip.filter(|ip| ip.is_ipv4() == p.address.is_ipv4());
+    }
+    p.ttl_security = s.ttl_security;
+    p.max_prefixes = s.max_prefixes;
+}
+
+/// What this node announces: its confirmed blocks in pools that allow BGP export, and the
+/// addresses its pods borrowed from other nodes' blocks, as host routes.
+pub fn announcements(
+    local_blocks: &[IpNet],
+    borrowed: &[IpAddr],
+    pools: &[IPPool],
+) -> BTreeSet<IpNet> {
+    let exported =
+        |net: &IpNet| crate::routes::pool_of(pools, net).is_none_or(|p| !p.spec.disable_bgp_export);
+    local_blocks
+        .iter()
+        .copied()
+        .chain(borrowed.iter().map(|ip| IpNet::from(*ip)))
+        .filter(exported)
+        .collect()
+}
+
+fn prefix_of(net: &IpNet) -> Option<Prefix> {
+    Prefix::new_masked(net.addr(), net.prefix_len()).ok()
+}
+
+/// Applies desired peers and announcements to the speaker, changing only what differs.
+pub struct BgpDriver {
+    pub handle: SpeakerHandle,
+    /// Attached to every announcement (see [`origin_tag`]).
+    tag: Option<margay_bgp::wire::LargeCommunity>,
+    peers: BTreeMap<IpAddr, PeerConfig>,
+    announced: BTreeSet<IpNet>,
+    /// Best routes learned from peers: prefix → first next hop.
+    learned: BTreeMap<IpNet, IpAddr>,
+}
+
+impl BgpDriver {
+    pub fn new(handle: SpeakerHandle, tag: Option<margay_bgp::wire::LargeCommunity>) -> BgpDriver {
+        BgpDriver {
+            handle,
+            tag,
+            peers: BTreeMap::new(),
+            announced: BTreeSet::new(),
+            learned: BTreeMap::new(),
+        }
+    }
+
+    pub async fn set_peers(&mut self, want: BTreeMap<IpAddr, PeerConfig>) {
+        let gone: Vec<IpAddr> = self
+            .peers
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for a in gone {
+            if let Err(e) = self.handle.remove_peer(a).await {
+                tracing::warn!(peer = %a, error = %e, "removing a BGP peer");
+            }
+            self.peers.remove(&a);
+        }
+        for (a, p) in want {
+            let result = match self.peers.get(&a) {
+                None => self.handle.add_peer(p.clone()).await,
+                Some(old) if *old != p => self.handle.update_peer(p.clone()).await,
+                Some(_) => continue,
+            };
+            match result {
+                Ok(()) => {
+                    self.peers.insert(a, p);
+                }
+                Err(e) => tracing::warn!(peer = %a, error = %e, "configuring a BGP peer"),
+            }
+        }
+    }
+
+    pub fn set_announcements(&mut self, want: BTreeSet<IpNet>) {
+        for gone in self.announced.difference(&want) {
+            if let Some(p) = prefix_of(gone) {
+                let _ = self.handle.withdraw(p);
+            }
+        }
+        for new in want.difference(&self.announced) {
+            if let Some(p) = prefix_of(new) {
+                let attrs = PathAttrs {
+                    large_communities: self.tag.into_iter().collect(),
+                    ..Default::default()
+                };
+                let _ = self.handle.announce(p, attrs);
+            }
+        }
+        self.announced = want;
+    }
+
+    /// Applies a batch of best-route changes; routes the speaker originated are not learned.
+    pub fn learn(&mut self, changes: Vec<margay_bgp::BestRouteChange>) {
+        for c in changes {
+            let Ok(net) = IpNet::new(c.prefix.addr(), c.prefix.len()) else {
+                continue;
+            };
+            match c.best {
+                Some(b) if !matches!(b.origin, margay_bgp::RouteOrigin::Local) => {
+                    if let Some(nh) = b.next_hops.first() {
+                        self.learned.insert(net, *nh);
+                    }
+                }
+                _ => {
+                    self.learned.remove(&net);
+                }
+            }
+        }
+    }
+
+    pub fn remote_routes(&self) -> Vec<RemoteRoute> {
+        self.learned
+            .iter()
+            .map(|(prefix, next_hop)| RemoteRoute {
+                prefix: *prefix,
+                next_hop: *next_hop,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use margay_api::{BGPConfigurationSpec, BGPPeerSpec, NodeBGPSpec, NodeSpec};
+
+    fn node(name: &str, ip: &str, labels: &[(&str, &str)], rr: bool) -> Node {
+        let mut n = Node::new(
+            name,
+            NodeSpec {
+                bgp: Some(NodeBGPSpec {
+                    ipv4_address: Some(format!("{ip}/24")),
+                    route_reflector_cluster_id: rr.then(|| "224.0.0.1".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    fn config(mesh: bool) -> BGPConfiguration {
+        BGPConfiguration::new(
+            "default",
+            BGPConfigurationSpec {
+                as_number: Some(64512),
+                node_to_node_mesh_enabled: Some(mesh),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn peers_of(
+        me: &str,
+        nodes: &[Node],
+        config: &BGPConfiguration,
+        peers: &[BGPPeer],
+    ) -> Vec<(String, bool)> {
+        let my_labels = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me))
+            .map(labels)
+            .unwrap_or_default();
+        desired_peers(&PeerInputs {
+            me,
+            my_labels: &my_labels,
+            nodes,
+            config: Some(config),
+            peers,
+        })
+        .values()
+        .map(|p| (format!("{}@{}", p.address, p.asn), p.rr_client))
+        .collect()
+    }
+
+    #[test]
+    fn the_mesh_peers_every_other_node() {
+        let nodes = [
+            node("a", "10.0.0.1", &[], false),
+            node("b", "10.0.0.2", &[], false),
+            node("c", "10.0.0.3", &[], false),
+        ];
+        assert_eq!(
+            peers_of("a", &nodes, &config(true), &[]),
+            vec![
+                ("10.0.0.2@64512".into(), false),
+                ("10.0.0.3@64512".into(), false)
+            ]
+        );
+        assert!(peers_of("a", &nodes, &config(false), &[]).is_empty());
+    }
+
+    #[test]
+    fn route_reflectors_are_wired_by_selectors() {
+        let nodes = [
+            node("rr", "10.0.0.1", &[("rr", "yes")], true),
+            node("b", "10.0.0.2", &[], false),
+            node("c", "10.0.0.3", &[], false),
+        ];
+        let to_rr = BGPPeer::new(
+            "to-rr",
+            BGPPeerSpec {
+                node_selector: Some("!has(rr)".into()),
+                peer_selector: Some("has(rr)".into()),
+                ..Default::default()
+            },
+        );
+        let rr_side = BGPPeer::new(
+            "rr-clients",
+            BGPPeerSpec {
+                node_selector: Some("has(rr)".into()),
+                peer_selector: Some("!has(rr)".into()),
+                ..Default::default()
+            },
+        );
+        let peers = [to_rr, rr_side];
+        assert_eq!(
+            peers_of("b", &nodes, &config(false), &peers),
+            vec![("10.0.0.1@64512".into(), false)]
+        );
+        // The reflector treats the ordinary nodes as its clients.
+        assert_eq!(
+            peers_of("rr", &nodes, &config(false), &peers),
+            vec![
+                ("10.0.0.2@64512".into(), true),
+                ("10.0.0.3@64512".into(), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn tor_peers_follow_node_selectors_and_carry_their_settings() {
+        let nodes = [
+            node("a", "10.0.1.1", &[("rack", "r1")], false),
+            node("b", "10.0.2.1", &[("rack", "r2")], false),
+        ];
+        let tor = BGPPeer::new(
+            "tor-r1",
+            BGPPeerSpec {
+                node_selector: Some("rack == 'r1'".into()),
+                peer_ip: Some("10.0.1.254:1179".into()),
+                as_number: Some(65001),
+                keepalive_time: Some("10s".into()),
+                max_prefixes: Some(100),
+                ..Default::default()
+            },
+        );
+        let my_labels = labels(&nodes[0]);
+        let cfg = config(false);
+        let got = desired_peers(&PeerInputs {
+            me: "a",
+            my_labels: &my_labels,
+            nodes: &nodes,
+            config: Some(&cfg),
+            peers: std::slice::from_ref(&tor),
+        });
+        let p = &got[&"10.0.1.254".parse::<IpAddr>().unwrap()];
+        assert_eq!(
+            (p.asn, p.port, p.hold_time, p.max_prefixes),
+            (65001, 1179, 30, Some(100))
+        );
+        assert_eq!(p.local_address, Some("10.0.1.1".parse().unwrap()));
+        assert!(peers_of("b", &nodes, &cfg, &[tor]).is_empty());
+    }
+
+    #[test]
+    fn announcements_honour_disable_bgp_export_and_include_borrowed_addresses() {
+        use margay_api::{IPPool, IPPoolSpec};
+        let pools = [
+            IPPool::new(
+                "a",
+                IPPoolSpec {
+                    cidr: "10.244.0.0/16".into(),
+                    ..Default::default()
+                },
+            ),
+            IPPool::new(
+                "b",
+                IPPoolSpec {
+                    cidr: "10.245.0.0/16".into(),
+                    disable_bgp_export: true,
+                    ..Default::default()
+                },
+            ),
+        ];
+        let got = announcements(
+            &[
+                "10.244.1.0/26".parse().unwrap(),
+                "10.245.1.0/26".parse().unwrap(),
+            ],
+            &["10.244.9.7".parse().unwrap()],
+            &pools,
+        );
+        let got: Vec<String> = got.iter().map(ToString::to_string).collect();
+        assert_eq!(got, vec!["10.244.1.0/26", "10.244.9.7/32"]);
+    }
+}

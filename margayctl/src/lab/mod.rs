@@ -1,0 +1,858 @@
+//! `margayctl lab`: a whole Margay cluster on one machine, out of network namespaces.
+//!
+//! `lab up` builds two L2 subnets joined by a router, etcd as the datastore, `margay-node` on
+//! every node, the IPAM controller, and pods made by the real CNI binaries; then it prints the
+//! nodes, the pods and a reachability matrix with the time to full convergence. `lab status`
+//! prints the same picture for a running lab; `lab down` removes everything the lab made, even
+//! after a crash halfway through `up`. The lab touches nothing outside its own namespaces and
+//! `/run/margay-lab`.
+
+mod matrix;
+mod plan;
+mod pods;
+mod proc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use margay_api::store::etcd::{EtcdBackend, EtcdConfig};
+use margay_api::{
+    AffinityState, BGPConfiguration, BGPConfigurationSpec, BlockAffinity, EncapMode, IPPool,
+    IPPoolSpec, Node, Store,
+};
+use pods::Pod;
+use proc::Daemon;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build the lab and print its picture. Run as root.
+    Up {
+        /// Number of nodes (nodes whose number is a multiple of 3 go in subnet B).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
+        nodes: u8,
+        /// Pods on each node.
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: u32,
+        /// The pool's encapsulation.
+        #[arg(long, value_enum, default_value_t = Encap::VxlanCrosssubnet)]
+        encap: Encap,
+        /// The router between the subnets: BIRD 2 as a ToR peering eBGP with every node, or
+        /// margay-bgpd as a route reflector.
+        #[arg(long, value_enum, default_value_t = Router::Bird)]
+        router: Router,
+        /// Where the Margay binaries are (default: next to margayctl).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Print the picture of the running lab.
+    Status,
+    /// Remove every namespace, process and file the lab made.
+    Down,
+    /// Serve the TCP echo of the reachability matrix (run inside a pod by the lab).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Router {
+    Bird,
+    Margay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Encap {
+    /// VXLAN between nodes in different subnets, native within a subnet.
+    VxlanCrosssubnet,
+    /// VXLAN between all nodes.
+    Vxlan,
+    /// No encapsulation: the router must learn pod routes (over BGP).
+    None,
+}
+
+impl Encap {
+    fn vxlan_mode(self) -> EncapMode {
+        match self {
+            Encap::VxlanCrosssubnet => EncapMode::CrossSubnet,
+            Encap::Vxlan => EncapMode::Always,
+            Encap::None => EncapMode::Never,
+        }
+    }
+}
+
+/// Everything `lab down` needs to undo, written before each step of `lab up`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LabState {
+    nodes: Vec<String>,
+    encap: Option<Encap>,
+    router: Option<Router>,
+    bin_dir: PathBuf,
+    daemons: Vec<Daemon>,
+    pods: Vec<Pod>,
+    /// Seconds from the first pod's creation to a full matrix.
+    converged_after: Option<f64>,
+}
+
+fn state_path() -> PathBuf {
+    Path::new(plan::STATE_DIR).join("state.json")
+}
+
+impl LabState {
+    fn load() -> Result<Option<LabState>> {
+        match std::fs::read(state_path()) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).context("reading the lab state")?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(plan::STATE_DIR)?;
+        let tmp = state_path().with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, state_path())?;
+        Ok(())
+    }
+
+    fn daemon(&self, name: &str) -> Option<&Daemon> {
+        self.daemons.iter().find(|d| d.name == name)
+    }
+}
+
+fn step(what: &str) -> Instant {
+    eprintln!("==> {what}");
+    Instant::now()
+}
+
+pub async fn run(cmd: &LabCommand) -> Result<ExitCode> {
+    if !matches!(cmd, LabCommand::Echo { .. }) && !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab builds network namespaces: run margayctl lab as root");
+    }
+    match cmd {
+        LabCommand::Up {
+            nodes,
+            pods_per_node,
+            encap,
+            router,
+            bin_dir,
+        } => up(*nodes, *pods_per_node, *encap, *router, bin_dir.clone()).await,
+        LabCommand::Status => status().await,
+        LabCommand::Down => down(),
+        LabCommand::Echo { name } => {
+            matrix::serve_echo(plan::ECHO_PORT, name)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Debian packages the lab needs, by the program it runs.
+const NEEDED: &[(&str, &str)] = &[
+    ("etcd", "etcd-server"),
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("nft", "nftables"),
+    ("bird", "bird2"),
+];
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(prog, _)| !on_path(prog))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "==> installing missing packages with apt-get: {}",
+        missing.join(" ")
+    );
+    let ok = std::process::Command::new("apt-get")
+        .arg("update")
+        .arg("-qq")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        && std::process::Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    if !ok {
+        bail!(
+            "could not install {}; install them and run lab up again",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn bin_dir(given: Option<PathBuf>, router: Router) -> Result<PathBuf> {
+    let dir = match given {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_owned)
+            .context("locating margayctl's directory")?,
+    };
+    let router_bin = (router == Router::Margay).then_some("margay-bgpd");
+    for b in [
+        "margay-node",
+        "margay",
+        "margay-ipam",
+        "margay-ipam-controller",
+    ]
+    .into_iter()
+    .chain(router_bin)
+    {
+        if !dir.join(b).is_file() {
+            bail!(
+                "{} is missing: build the workspace (cargo build --workspace) or pass --bin-dir",
+                dir.join(b).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// A bridge namespace for a subnet, and a veth from it into `ns` named `ifname` with `addr`.
+fn attach(bridge_ns: &str, port: &str, ns: &str, ifname: &str, addr: &str) -> Result<()> {
+    let tmp = format!("{port}x");
+    proc::ip(&["link", "add", port, "type", "veth", "peer", "name", &tmp])?;
+    proc::ip(&["link", "set", port, "netns", bridge_ns])?;
+    proc::ip_in(bridge_ns, &["link", "set", port, "master", "br0", "up"])?;
+    proc::ip(&["link", "set", &tmp, "netns", ns])?;
+    proc::ip_in(ns, &["link", "set", &tmp, "name", ifname])?;
+    proc::ip_in(ns, &["addr", "add", addr, "dev", ifname])?;
+    proc::ip_in(ns, &["link", "set", ifname, "up"])?;
+    Ok(())
+}
+
+fn add_netns(name: &str) -> Result<()> {
+    proc::ip(&["netns", "add", name])?;
+    proc::ip_in(name, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+fn build_fabric(nodes: &[plan::NodePlan]) -> Result<()> {
+    use plan::Subnet;
+    for s in [Subnet::A, Subnet::B] {
+        add_netns(&s.bridge_ns())?;
+        proc::ip_in(&s.bridge_ns(), &["link", "add", "br0", "type", "bridge"])?;
+        proc::ip_in(&s.bridge_ns(), &["link", "set", "br0", "up"])?;
+    }
+    add_netns(plan::ROUTER_NS)?;
+    attach(
+        &Subnet::A.bridge_ns(),
+        "mglra",
+        plan::ROUTER_NS,
+        "eth0",
+        &format!("{}/24", Subnet::A.router_addr()),
+    )?;
+    attach(
+        &Subnet::B.bridge_ns(),
+        "mglrb",
+        plan::ROUTER_NS,
+        "eth1",
+        &format!("{}/24", Subnet::B.router_addr()),
+    )?;
+    proc::exec_in(plan::ROUTER_NS, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    // The outside host sits behind the router on a link of its own.
+    add_netns(plan::OUTSIDE_NS)?;
+    proc::ip(&[
+        "link", "add", "mglo0", "type", "veth", "peer", "name", "mglo1",
+    ])?;
+    proc::ip(&["link", "set", "mglo0", "netns", plan::ROUTER_NS])?;
+    proc::ip(&["link", "set", "mglo1", "netns", plan::OUTSIDE_NS])?;
+    proc::ip_in(plan::ROUTER_NS, &["link", "set", "mglo0", "name", "eth2"])?;
+    proc::ip_in(
+        plan::ROUTER_NS,
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", plan::ROUTER_OUTSIDE_ADDR),
+            "dev",
+            "eth2",
+        ],
+    )?;
+    proc::ip_in(plan::ROUTER_NS, &["link", "set", "eth2", "up"])?;
+    proc::ip_in(plan::OUTSIDE_NS, &["link", "set", "mglo1", "name", "eth0"])?;
+    proc::ip_in(
+        plan::OUTSIDE_NS,
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", plan::OUTSIDE_ADDR),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    proc::ip_in(plan::OUTSIDE_NS, &["link", "set", "eth0", "up"])?;
+    proc::ip_in(
+        plan::OUTSIDE_NS,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &plan::ROUTER_OUTSIDE_ADDR.to_string(),
+        ],
+    )?;
+    // The infrastructure namespace: etcd and the controller.
+    add_netns(plan::INFRA_NS)?;
+    attach(
+        &Subnet::A.bridge_ns(),
+        "mgli",
+        plan::INFRA_NS,
+        "eth0",
+        &format!("{}/24", plan::INFRA_ADDR),
+    )?;
+    proc::ip_in(
+        plan::INFRA_NS,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &Subnet::A.router_addr().to_string(),
+        ],
+    )?;
+    for n in nodes {
+        add_netns(&n.netns)?;
+        attach(
+            &n.subnet.bridge_ns(),
+            &format!("mgln{}", n.index),
+            &n.netns,
+            "eth0",
+            &n.addr_cidr(),
+        )?;
+        proc::ip_in(
+            &n.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &n.subnet.router_addr().to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+async fn connect_store() -> Result<Store> {
+    let backend = EtcdBackend::connect(
+        EtcdConfig::new([plan::etcd_endpoint()]).with_prefix(plan::ETCD_PREFIX),
+    )
+    .await
+    .context("connecting to the lab's etcd")?;
+    Ok(Store::new(Arc::new(backend)))
+}
+
+async fn wait_etcd() -> Result<Store> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(store) = connect_store().await {
+            if store.list::<IPPool>().await.is_ok() {
+                return Ok(store);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("etcd in {} did not answer within 30 s", plan::INFRA_NS);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn node_env(n: &plan::NodePlan) -> Vec<(String, String)> {
+    let state = Path::new(plan::STATE_DIR).join(&n.name);
+    vec![
+        ("NODENAME".into(), n.name.clone()),
+        ("MARGAY_DATASTORE_TYPE".into(), "etcd".into()),
+        ("MARGAY_ETCD_ENDPOINTS".into(), plan::etcd_endpoint()),
+        ("MARGAY_ETCD_PREFIX".into(), plan::ETCD_PREFIX.into()),
+        ("IP".into(), n.addr_cidr()),
+        ("MARGAY_STATE_DIR".into(), state.display().to_string()),
+        ("MARGAY_BGP_ENABLED".into(), "true".into()),
+        ("MARGAY_HEALTH_LISTEN".into(), "127.0.0.1:9099".into()),
+        ("MARGAY_METRICS_LISTEN".into(), "127.0.0.1:9091".into()),
+        ("MARGAY_RESYNC_INTERVAL".into(), "30s".into()),
+    ]
+}
+
+fn start_node(st: &mut LabState, n: &plan::NodePlan) -> Result<()> {
+    let dir = Path::new(plan::STATE_DIR).join(&n.name);
+    std::fs::create_dir_all(&dir)?;
+    let d = proc::spawn_daemon(
+        &format!("agent-{}", n.name),
+        &n.netns,
+        &st.bin_dir.join("margay-node"),
+        &[],
+        &node_env(n),
+        &dir.join("margay-node.log"),
+    )?;
+    st.daemons.retain(|x| x.name != d.name);
+    st.daemons.push(d);
+    st.save()
+}
+
+async fn up(
+    n_nodes: u8,
+    pods_per_node: u32,
+    encap: Encap,
+    router: Router,
+    bin: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    if LabState::load()?.is_some() || !proc::namespaces_with_prefix(plan::PREFIX).is_empty() {
+        bail!("a lab is already up (or left over): run `margayctl lab down` first");
+    }
+    ensure_packages()?;
+    let bin_dir = bin_dir(bin, router)?;
+    let nodes = plan::nodes(n_nodes);
+    let mut st = LabState {
+        nodes: nodes.iter().map(|n| n.name.clone()).collect(),
+        encap: Some(encap),
+        router: Some(router),
+        bin_dir: bin_dir.clone(),
+        ..Default::default()
+    };
+    st.save()?;
+
+    step(&format!(
+        "building the fabric: subnets A and B, a router, {n_nodes} nodes"
+    ));
+    build_fabric(&nodes)?;
+
+    step("starting etcd");
+    let etcd_dir = Path::new(plan::STATE_DIR).join("etcd");
+    let peer = format!("http://{}:2380", plan::INFRA_ADDR);
+    let client = format!(
+        "http://127.0.0.1:{p},{e}",
+        p = plan::ETCD_PORT,
+        e = plan::etcd_endpoint()
+    );
+    let etcd = proc::spawn_daemon(
+        "etcd",
+        plan::INFRA_NS,
+        Path::new("etcd"),
+        &[
+            "--name=lab".into(),
+            format!("--data-dir={}", etcd_dir.display()),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={}", plan::etcd_endpoint()),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=lab={peer}"),
+            "--log-level=warn".into(),
+        ],
+        &[],
+        &Path::new(plan::STATE_DIR).join("etcd.log"),
+    )?;
+    st.daemons.push(etcd);
+    st.save()?;
+    // From here on this process lives in the infrastructure namespace, beside etcd.
+    proc::enter_netns(plan::INFRA_NS)?;
+    let store = wait_etcd().await?;
+
+    step(&format!(
+        "creating the default pool {} ({encap:?})",
+        plan::POOL_CIDR
+    ));
+    store
+        .create(&IPPool::new(
+            "default-ipv4",
+            IPPoolSpec {
+                cidr: plan::POOL_CIDR.into(),
+                vxlan_mode: encap.vxlan_mode(),
+                nat_outgoing: true,
+                ..Default::default()
+            },
+        ))
+        .await?;
+    store
+        .create(&BGPConfiguration::new(
+            "default",
+            BGPConfigurationSpec {
+                as_number: Some(plan::NODE_AS),
+                ..Default::default()
+            },
+        ))
+        .await?;
+
+    step(&format!(
+        "starting the router ({router:?}) and its BGP peerings"
+    ));
+    seed_bgp(&store, &nodes, router).await?;
+    start_router(&mut st, &nodes, router)?;
+
+    step("starting the IPAM controller");
+    let ctl = proc::spawn_daemon(
+        "ipam-controller",
+        plan::INFRA_NS,
+        &bin_dir.join("margay-ipam-controller"),
+        &[
+            "--interval".into(),
+            "10s".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:9094".into(),
+            "--identity".into(),
+            "lab".into(),
+        ],
+        &[
+            ("MARGAY_DATASTORE_TYPE".into(), "etcd".into()),
+            ("MARGAY_ETCD_ENDPOINTS".into(), plan::etcd_endpoint()),
+            ("MARGAY_ETCD_PREFIX".into(), plan::ETCD_PREFIX.into()),
+        ],
+        &Path::new(plan::STATE_DIR).join("ipam-controller.log"),
+    )?;
+    st.daemons.push(ctl);
+    st.save()?;
+
+    step("starting margay-node on every node");
+    for n in &nodes {
+        start_node(&mut st, n)?;
+    }
+    wait_nodes_published(&store, &nodes, encap).await?;
+
+    step(&format!(
+        "creating {} pods through the CNI plugin",
+        pods_per_node * u32::from(n_nodes)
+    ));
+    let t_pods = Instant::now();
+    for n in &nodes {
+        for i in 0..pods_per_node {
+            let pod = create_pod(&mut st, n, &format!("pod-{}-{i}", n.name), i)?;
+            eprintln!(
+                "    {}/{} on {}: {}",
+                pod.namespace,
+                pod.name,
+                pod.node,
+                pod.ip.map(|i| i.to_string()).unwrap_or_default()
+            );
+        }
+    }
+
+    step("waiting for full pod-to-pod reachability");
+    let endpoints = endpoints(&st);
+    let converged = loop {
+        let m = matrix::probe(&endpoints);
+        if matrix::full(&m) {
+            break Some(t_pods.elapsed());
+        }
+        if t_pods.elapsed() > Duration::from_secs(90) {
+            eprintln!("{}", matrix::render(&endpoints, &m));
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    st.converged_after = converged.map(|d| d.as_secs_f64());
+    st.save()?;
+    print_picture(&st, &store).await?;
+    match converged {
+        Some(d) => {
+            println!(
+                "\nfull reachability {:.2} s after the first pod was created; lab up took {:.1} s",
+                d.as_secs_f64(),
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            println!(
+                "\nreachability is NOT full after 90 s; logs are under {}",
+                plan::STATE_DIR
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Node objects with the lab's labels (the agents keep them), and the peerings with the
+/// router: eBGP from each subnet's nodes to its ToR address (BIRD), or iBGP to the route
+/// reflector (margay-bgpd), besides the node-to-node mesh.
+async fn seed_bgp(store: &Store, nodes: &[plan::NodePlan], router: Router) -> Result<()> {
+    use margay_api::{BGPPeer, BGPPeerSpec};
+    for n in nodes {
+        let mut node = Node::new(&n.name, Default::default());
+        node.metadata.labels = Some(
+            [
+                (
+                    "lab.margay.io/subnet".to_owned(),
+                    n.subnet.label().to_owned(),
+                ),
+                ("kubernetes.io/hostname".to_owned(), n.name.clone()),
+            ]
+            .into(),
+        );
+        store.create(&node).await?;
+    }
+    for s in [plan::Subnet::A, plan::Subnet::B] {
+        let (asn, name) = match router {
+            Router::Bird => (plan::ROUTER_AS, format!("tor-{}", s.label())),
+            Router::Margay => (plan::NODE_AS, format!("rr-{}", s.label())),
+        };
+        store
+            .create(&BGPPeer::new(
+                &name,
+                BGPPeerSpec {
+                    node_selector: Some(format!("lab.margay.io/subnet == '{}'", s.label())),
+                    peer_ip: Some(s.router_addr().to_string()),
+                    as_number: Some(asn),
+                    keepalive_time: Some("10s".into()),
+                    ..Default::default()
+                },
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Starts BIRD (eBGP ToR that installs what it learns) or margay-bgpd (route reflector that
+/// installs what it learns) in the router namespace.
+fn start_router(st: &mut LabState, nodes: &[plan::NodePlan], router: Router) -> Result<()> {
+    let dir = Path::new(plan::STATE_DIR).join("router");
+    std::fs::create_dir_all(&dir)?;
+    let d = match router {
+        Router::Bird => {
+            let conf = dir.join("bird.conf");
+            std::fs::write(&conf, plan::bird_config(nodes))?;
+            proc::spawn_daemon(
+                "router",
+                plan::ROUTER_NS,
+                Path::new("bird"),
+                &[
+                    "-f".into(),
+                    "-c".into(),
+                    conf.display().to_string(),
+                    "-s".into(),
+                    dir.join("bird.ctl").display().to_string(),
+                    "-P".into(),
+                    dir.join("bird.pid").display().to_string(),
+                ],
+                &[],
+                &dir.join("bird.log"),
+            )?
+        }
+        Router::Margay => {
+            let conf = dir.join("margay-bgpd.yaml");
+            std::fs::write(&conf, plan::bgpd_config(nodes, &dir))?;
+            proc::spawn_daemon(
+                "router",
+                plan::ROUTER_NS,
+                &st.bin_dir.join("margay-bgpd"),
+                &["--config".into(), conf.display().to_string()],
+                &[],
+                &dir.join("margay-bgpd.log"),
+            )?
+        }
+    };
+    st.daemons.push(d);
+    st.save()
+}
+
+/// Waits until every node has published its address (and VTEP where VXLAN is used).
+async fn wait_nodes_published(store: &Store, nodes: &[plan::NodePlan], encap: Encap) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (published, _) = store.list::<Node>().await?;
+        let ready = nodes.iter().all(|n| {
+            published.iter().any(|p| {
+                p.metadata.name.as_deref() == Some(n.name.as_str())
+                    && p.spec.bgp.as_ref().and_then(|b| b.ipv4_address.as_deref())
+                        == Some(n.addr_cidr().as_str())
+                    && (encap == Encap::None
+                        || p.spec.vxlan_tunnel_mac_addr.is_some()
+                        || encap == Encap::VxlanCrosssubnet
+                            && nodes.iter().all(|o| o.subnet == n.subnet))
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the node agents did not publish their nodes within 60 s; see {}/node*/margay-node.log", plan::STATE_DIR);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Result<Pod> {
+    let netns = plan::pod_netns(&n.name, i);
+    add_netns(&netns)?;
+    let mut pod = Pod {
+        name: name.to_owned(),
+        namespace: "default".into(),
+        node: n.name.clone(),
+        node_netns: n.netns.clone(),
+        netns: netns.clone(),
+        container_id: pods::container_id(&n.name, name, std::process::id() as u64),
+        ip: None,
+        echo: None,
+    };
+    st.pods.push(pod.clone());
+    st.save()?;
+    let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
+    let result = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir)?;
+    pod.ip = pods::result_ip(&result);
+    let me = std::env::current_exe()?;
+    pod.echo = Some(proc::spawn_daemon(
+        &format!("echo-{name}"),
+        &netns,
+        &me,
+        &[
+            "lab".into(),
+            "echo".into(),
+            "--name".into(),
+            name.to_owned(),
+        ],
+        &[],
+        &state_dir.join("echo.log"),
+    )?);
+    if let Some(p) = st.pods.iter_mut().find(|p| p.name == pod.name) {
+        *p = pod.clone();
+    }
+    st.save()?;
+    Ok(pod)
+}
+
+fn endpoints(st: &LabState) -> Vec<matrix::Endpoint> {
+    st.pods
+        .iter()
+        .filter_map(|p| {
+            Some(matrix::Endpoint {
+                name: p.name.clone(),
+                netns: p.netns.clone(),
+                ip: p.ip?,
+            })
+        })
+        .collect()
+}
+
+async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
+    let (affinities, _) = store.list::<BlockAffinity>().await?;
+    println!("\nNODES");
+    let rows: Vec<Vec<String>> = st
+        .nodes
+        .iter()
+        .map(|name| {
+            let n = plan::node(name[4..].parse().unwrap_or(1));
+            let blocks: Vec<String> = affinities
+                .iter()
+                .filter(|a| a.spec.node == *name && a.spec.state == AffinityState::Confirmed)
+                .map(|a| a.spec.cidr.clone())
+                .collect();
+            let agent = st
+                .daemon(&format!("agent-{name}"))
+                .map(|d| {
+                    if proc::is_running(d) {
+                        "running"
+                    } else {
+                        "DOWN"
+                    }
+                })
+                .unwrap_or("-");
+            vec![
+                name.clone(),
+                n.addr_cidr(),
+                n.subnet.label().to_owned(),
+                agent.to_owned(),
+                if blocks.is_empty() {
+                    "-".into()
+                } else {
+                    blocks.join(",")
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::output::table(&["NODE", "ADDRESS", "SUBNET", "AGENT", "BLOCKS"], &rows)
+    );
+    println!("\nPODS");
+    let rows: Vec<Vec<String>> = st
+        .pods
+        .iter()
+        .map(|p| {
+            vec![
+                format!("{}/{}", p.namespace, p.name),
+                p.node.clone(),
+                p.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print!("{}", crate::output::table(&["POD", "NODE", "IP"], &rows));
+    let eps = endpoints(st);
+    let m = matrix::probe(&eps);
+    println!("\nREACHABILITY (ICMP and TCP; ✓ both, i ICMP only, t TCP only, ✗ neither)");
+    print!("{}", matrix::render(&eps, &m));
+    Ok(())
+}
+
+async fn status() -> Result<ExitCode> {
+    let Some(st) = LabState::load()? else {
+        bail!("no lab is up (no {})", state_path().display());
+    };
+    proc::enter_netns(plan::INFRA_NS)?;
+    let store = connect_store().await?;
+    print_picture(&st, &store).await?;
+    let eps = endpoints(&st);
+    Ok(if matrix::full(&matrix::probe(&eps)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn down() -> Result<ExitCode> {
+    let st = LabState::load().ok().flatten();
+    let mut stopped = 0;
+    if let Some(st) = &st {
+        for p in &st.pods {
+            if let Some(e) = &p.echo {
+                proc::stop(e, Duration::from_secs(2));
+            }
+        }
+        // Agents first (they keep routes), then the controller, then etcd.
+        for d in st.daemons.iter().rev() {
+            proc::stop(d, Duration::from_secs(5));
+            stopped += 1;
+        }
+    }
+    let namespaces = proc::namespaces_with_prefix(plan::PREFIX);
+    for ns in &namespaces {
+        let _ = proc::ip(&["netns", "del", ns]);
+    }
+    let _ = std::fs::remove_dir_all(plan::STATE_DIR);
+    let left = proc::namespaces_with_prefix(plan::PREFIX);
+    println!(
+        "lab down: stopped {stopped} processes, removed {} namespaces{}",
+        namespaces.len() - left.len(),
+        if left.is_empty() {
+            String::new()
+        } else {
+            format!("; could not remove {left:?}")
+        }
+    );
+    Ok(if left.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
