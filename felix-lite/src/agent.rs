@@ -421,6 +421,7 @@ impl Agent {
         let peers = self.view.bgp_peers.snapshot();
         let want = crate::bgp::desired_peers(&crate::bgp::PeerInputs {
             me: &self.node,
+            my_ip: self.address.map(|a| a.addr()),
             my_labels: &labels,
             nodes: &nodes,
             config: config.as_ref(),

@@ -56,6 +56,9 @@ fn own_routes_only(tag: margay_bgp::wire::LargeCommunity) -> margay_bgp::Policy 
 /// What the peer selection reads.
 pub struct PeerInputs<'a> {
     pub me: &'a str,
+    /// This node's address as the agent detected it (not as the datastore last echoed it, so
+    /// peers never flap while the Node object catches up).
+    pub my_ip: Option<IpAddr>,
     pub my_labels: &'a BTreeMap<String, String>,
     pub nodes: &'a [Node],
     pub config: Option<&'a BGPConfiguration>,
@@ -104,7 +107,7 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(i.me));
     let my_as = node_as(me, i.config);
-    let my_ip = me.and_then(node_ip);
+    let my_ip = i.my_ip.or_else(|| me.and_then(node_ip));
     let i_reflect = me.is_some_and(is_reflector);
     let mut out: BTreeMap<IpAddr, PeerConfig> = BTreeMap::new();
     let add_node = |n: &Node, from: &BGPPeer, out: &mut BTreeMap<IpAddr, PeerConfig>| {

@@ -11,6 +11,7 @@ mod matrix;
 mod plan;
 mod pods;
 mod proc;
+mod scenario;
 
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
@@ -52,6 +53,11 @@ pub enum LabCommand {
     Status,
     /// Remove every namespace, process and file the lab made.
     Down,
+    /// Run an end-to-end scenario against the running lab.
+    Scenario {
+        #[arg(value_enum)]
+        name: scenario::Scenario,
+    },
     /// Serve the TCP echo of the reachability matrix (run inside a pod by the lab).
     #[command(hide = true)]
     Echo {
@@ -146,6 +152,7 @@ pub async fn run(cmd: &LabCommand) -> Result<ExitCode> {
         } => up(*nodes, *pods_per_node, *encap, *router, bin_dir.clone()).await,
         LabCommand::Status => status().await,
         LabCommand::Down => down(),
+        LabCommand::Scenario { name } => run_scenario(*name).await,
         LabCommand::Echo { name } => {
             matrix::serve_echo(plan::ECHO_PORT, name)?;
             Ok(ExitCode::SUCCESS)
@@ -803,6 +810,31 @@ async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
     println!("\nREACHABILITY (ICMP and TCP; ✓ both, i ICMP only, t TCP only, ✗ neither)");
     print!("{}", matrix::render(&eps, &m));
     Ok(())
+}
+
+async fn run_scenario(name: scenario::Scenario) -> Result<ExitCode> {
+    let Some(mut st) = LabState::load()? else {
+        bail!("no lab is up: run `margayctl lab up` first");
+    };
+    proc::enter_netns(plan::INFRA_NS)?;
+    let store = connect_store().await?;
+    eprintln!("==> scenario {name:?}");
+    match scenario::run(&mut st, &store, name).await {
+        Ok(out) => {
+            for n in &out.notes {
+                println!("  {n}");
+            }
+            if let Some(g) = out.longest_gap {
+                println!("  longest reachability gap: {:.2} s", g.as_secs_f64());
+            }
+            println!("scenario {name:?} passed in {:.1} s", out.seconds);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("scenario {name:?} FAILED: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn status() -> Result<ExitCode> {

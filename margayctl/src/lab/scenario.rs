@@ -1,0 +1,531 @@
+//! End-to-end scenarios against a live lab. Each prints what it did and what it measured, and
+//! fails (non-zero exit) when the behaviour a user relies on does not hold.
+
+use super::matrix::{self, Endpoint};
+use super::pods::{self, Pod};
+use super::{plan, proc, LabState};
+use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
+use margay_api::{BGPConfiguration, BGPPeer, BGPPeerSpec, IPPool, IPPoolSpec, Node, Store};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Create and delete 100 pods across nodes; survivors keep full reachability and
+    /// `margayctl ipam check` is clean afterwards.
+    PodChurn,
+    /// Add a second pool and disable the first: new pods come from the new pool, old pods keep
+    /// working.
+    PoolEdit,
+    /// Kill node 2's agent: with graceful restart its routes stay, no ping between surviving
+    /// pods is lost; it comes back and the matrix is full again.
+    NodeLoss,
+    /// Turn the node-to-node mesh off in favour of a route reflector (node 1).
+    MeshToRr,
+    /// An outside host behind the router reaches every pod (the router learned them over BGP).
+    ExternalAccess,
+    /// Pods reach the outside host through natOutgoing; it sees node addresses.
+    Nat,
+}
+
+/// What a scenario measured.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub seconds: f64,
+    /// The longest a probed pair went without an answer, if probed continuously.
+    pub longest_gap: Option<Duration>,
+    pub notes: Vec<String>,
+}
+
+pub async fn run(st: &mut LabState, store: &Store, s: Scenario) -> Result<Outcome> {
+    let t = Instant::now();
+    let mut out = match s {
+        Scenario::PodChurn => pod_churn(st, store).await?,
+        Scenario::PoolEdit => pool_edit(st, store).await?,
+        Scenario::NodeLoss => node_loss(st).await?,
+        Scenario::MeshToRr => mesh_to_rr(st, store).await?,
+        Scenario::ExternalAccess => external_access(st)?,
+        Scenario::Nat => nat(st)?,
+    };
+    out.seconds = t.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+fn endpoints(st: &LabState) -> Vec<Endpoint> {
+    super::endpoints(st)
+}
+
+/// Waits for a full matrix among `eps`, for at most `limit`.
+async fn wait_full(eps: &[Endpoint], limit: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        let m = matrix::probe(eps);
+        if matrix::full(&m) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            bail!(
+                "reachability not full after {limit:?}:\n{}",
+                matrix::render(eps, &m)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Probes every ordered pair of `eps` over TCP every 100 ms in the background and records the
+/// longest time any pair went without an answer.
+struct GapProbe {
+    stop: Arc<AtomicBool>,
+    longest: Arc<Mutex<Duration>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GapProbe {
+    fn start(eps: Vec<Endpoint>) -> GapProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let longest = Arc::new(Mutex::new(Duration::ZERO));
+        let (s2, l2) = (stop.clone(), longest.clone());
+        let handle = std::thread::spawn(move || {
+            let n = eps.len();
+            let mut last_ok = vec![vec![Instant::now(); n]; n];
+            while !s2.load(Ordering::SeqCst) {
+                for i in 0..n {
+                    for j in 0..n {
+                        if i == j {
+                            continue;
+                        }
+                        let now = Instant::now();
+                        if matrix::tcp(&eps[i].netns, eps[j].ip, plan::ECHO_PORT) {
+                            last_ok[i][j] = now;
+                        } else {
+                            let gap = now - last_ok[i][j];
+                            let mut l = l2.lock().unwrap_or_else(|p| p.into_inner());
+                            *l = (*l).max(gap);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        GapProbe {
+            stop,
+            longest,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> Duration {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        *self.longest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Waits until the agent in `node_ns` has `n` established BGP sessions.
+async fn wait_sessions(node_ns: &str, n: u64) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let got = agent_metric(node_ns, "margay_node_bgp_sessions_established");
+        if got == Some(n) {
+            return Ok(());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{node_ns} has {got:?} BGP sessions, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A gauge or counter from a node agent's /metrics (served on the node's loopback).
+fn agent_metric(node_ns: &str, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let body = proc::in_netns(node_ns, || -> std::io::Result<String> {
+        let mut c = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:9091".parse().expect("address"),
+            Duration::from_secs(1),
+        )?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    })
+    .ok()?
+    .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn ipam_check_clean(findings: &[margay_ipam::audit::Finding]) -> Result<()> {
+    if findings.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = findings.iter().map(|f| format!("{f:?}")).collect();
+    bail!(
+        "margayctl ipam check found problems:\n  {}",
+        list.join("\n  ")
+    )
+}
+
+async fn ipam_check(store: &Store) -> Result<()> {
+    let snap = margay_ipam::audit::Snapshot::read(store).await?;
+    let live = margay_ipam::audit::LiveSet::from_store(store).await?;
+    ipam_check_clean(&margay_ipam::audit::check(&snap, Some(&live)))
+}
+
+async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
+    let base = endpoints(st);
+    let nodes: Vec<plan::NodePlan> = st
+        .nodes
+        .iter()
+        .map(|n| plan::node(n[4..].parse().unwrap_or(1)))
+        .collect();
+    let mut created = 0;
+    // In waves of 10, so that pods exist side by side and addresses get reused.
+    for wave in 0..10u32 {
+        let mut wave_pods = Vec::new();
+        for k in 0..10u32 {
+            let i = wave * 10 + k;
+            let n = &nodes[(i as usize) % nodes.len()];
+            let name = format!("churn-{i}");
+            let netns = plan::pod_netns(&n.name, 1000 + i);
+            super::add_netns(&netns)?;
+            let pod = Pod {
+                name: name.clone(),
+                namespace: "churn".into(),
+                node: n.name.clone(),
+                node_netns: n.netns.clone(),
+                netns,
+                container_id: pods::container_id(&n.name, &name, u64::from(wave)),
+                ip: None,
+                echo: None,
+            };
+            let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
+            let r = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir)?;
+            ensure!(
+                pods::result_ip(&r).is_some(),
+                "ADD of {name} gave no address: {r}"
+            );
+            created += 1;
+            wave_pods.push(pod);
+        }
+        for pod in &wave_pods {
+            let state_dir = Path::new(plan::STATE_DIR).join(&pod.node);
+            pods::cni(&st.bin_dir, "DEL", pod, &state_dir)?;
+            proc::ip(&["netns", "del", &pod.netns])?;
+        }
+    }
+    let took = wait_full(&base, Duration::from_secs(30)).await?;
+    ipam_check(store).await?;
+    Ok(Outcome {
+        notes: vec![
+            format!("{created} pods created and deleted through the CNI plugin"),
+            format!(
+                "survivors' matrix full ({:.2} s to confirm)",
+                took.as_secs_f64()
+            ),
+            "margayctl ipam check: clean".into(),
+        ],
+        ..Default::default()
+    })
+}
+
+async fn pool_edit(st: &mut LabState, store: &Store) -> Result<Outcome> {
+    let old = store.get::<IPPool>("default-ipv4").await?;
+    let second = IPPool::new(
+        "second-ipv4",
+        IPPoolSpec {
+            cidr: "10.245.0.0/16".into(),
+            vxlan_mode: old.spec.vxlan_mode,
+            nat_outgoing: true,
+            ..Default::default()
+        },
+    );
+    store.create(&second).await?;
+    let mut old = old;
+    old.spec.disabled = true;
+    store.update(&old).await?;
+    let nodes: Vec<plan::NodePlan> = st
+        .nodes
+        .iter()
+        .map(|n| plan::node(n[4..].parse().unwrap_or(1)))
+        .collect();
+    let mut notes = Vec::new();
+    for n in &nodes {
+        let i = 100 + st.pods.iter().filter(|p| p.node == n.name).count() as u32;
+        let pod = super::create_pod(st, n, &format!("pod-{}-new", n.name), i)?;
+        let ip = pod.ip.context("the new pod got no address")?;
+        let net: ipnet::IpNet = "10.245.0.0/16".parse()?;
+        ensure!(
+            net.contains(&ip),
+            "new pod {} got {ip}, not from the new pool",
+            pod.name
+        );
+        notes.push(format!("{} got {ip} from the new pool", pod.name));
+    }
+    let took = wait_full(&endpoints(st), Duration::from_secs(30)).await?;
+    notes.push(format!(
+        "old and new pods all reach each other ({:.2} s)",
+        took.as_secs_f64()
+    ));
+    Ok(Outcome {
+        notes,
+        ..Default::default()
+    })
+}
+
+async fn node_loss(st: &mut LabState) -> Result<Outcome> {
+    let victim = "node2";
+    let survivors: Vec<Endpoint> = endpoints(st)
+        .into_iter()
+        .filter(|e| !e.name.contains(victim))
+        .collect();
+    ensure!(
+        survivors.len() >= 2,
+        "node-loss needs pods on at least two other nodes"
+    );
+    let agent = st
+        .daemon(&format!("agent-{victim}"))
+        .cloned()
+        .context("node2's agent is not in the lab state")?;
+    let victim_pod = st
+        .pods
+        .iter()
+        .find(|p| p.node == victim)
+        .and_then(|p| p.ip)
+        .context("no pod on node2")?;
+    let n1 = plan::node(1);
+    // `ip route get` adds cache details that change by themselves; compare the path only.
+    let path_to = |ns: &str| -> Result<String> {
+        let out = proc::ip_in(ns, &["route", "get", &victim_pod.to_string()])?;
+        Ok(out
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split(" uid")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned())
+    };
+    // Settled means node1 routes to node2's pods itself, not through the router.
+    let router = n1.subnet.router_addr().to_string();
+    let t = Instant::now();
+    let block = loop {
+        let p = path_to(&n1.netns)?;
+        if !p.contains(&router) {
+            break p;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "node1 never learned node2's block: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Start from a settled cluster: node1 holds its three sessions (node2, node3, the ToR).
+    wait_sessions(&n1.netns, 3).await?;
+    let probe = GapProbe::start(survivors.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proc::kill_now(&agent);
+    // Graceful restart: the peers keep node2's routes for the restart time, and node2's kernel
+    // keeps forwarding. Watch for 5 s, then bring the agent back whatever was seen.
+    let mut during = Ok(());
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = path_to(&n1.netns)?;
+        if now != block {
+            during = Err(anyhow::anyhow!("node1's route to node2's pods changed while node2's agent was down: {block} -> {now}"));
+            break;
+        }
+        if !matrix::ping(&survivors[0].netns, victim_pod) {
+            during = Err(anyhow::anyhow!(
+                "{} could not reach node2's pod {victim_pod} while node2's agent was down",
+                survivors[0].name
+            ));
+            break;
+        }
+    }
+    let n2 = plan::node(2);
+    super::start_node(st, &n2)?;
+    during?;
+    let all = endpoints(st);
+    let back = wait_full(&all, Duration::from_secs(60)).await?;
+    let gap = probe.finish();
+    ensure!(
+        gap < Duration::from_secs(1),
+        "surviving pods lost each other for {gap:?} while node2's agent was down"
+    );
+    Ok(Outcome {
+        longest_gap: Some(gap),
+        notes: vec![
+            "killed node2's agent with SIGKILL, restarted it after 5 s".into(),
+            "node1 kept its route to node2's block and reached node2's pods throughout".into(),
+            format!(
+                "longest gap between surviving pods: {:.2} s (graceful restart)",
+                gap.as_secs_f64()
+            ),
+            format!(
+                "full matrix again {:.2} s after the restart",
+                back.as_secs_f64()
+            ),
+        ],
+        ..Default::default()
+    })
+}
+
+async fn mesh_to_rr(st: &mut LabState, store: &Store) -> Result<Outcome> {
+    let eps = endpoints(st);
+    wait_sessions(&plan::node(2).netns, 3).await?;
+    let probe = GapProbe::start(eps.clone());
+    // Node 1 becomes the route reflector; the others peer with it; then the mesh goes.
+    let mut n1: Node = store.get("node1").await?;
+    n1.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("route-reflector".into(), "true".into());
+    let mut bgp = n1.spec.bgp.clone().unwrap_or_default();
+    bgp.route_reflector_cluster_id = Some("224.0.0.1".into());
+    n1.spec.bgp = Some(bgp);
+    store.update(&n1).await?;
+    for (name, node_sel, peer_sel) in [
+        (
+            "peer-with-rr",
+            "!has(route-reflector)",
+            "has(route-reflector)",
+        ),
+        (
+            "rr-to-clients",
+            "has(route-reflector)",
+            "!has(route-reflector)",
+        ),
+    ] {
+        store
+            .create(&BGPPeer::new(
+                name,
+                BGPPeerSpec {
+                    node_selector: Some(node_sel.into()),
+                    peer_selector: Some(peer_sel.into()),
+                    ..Default::default()
+                },
+            ))
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut cfg: BGPConfiguration = store.get("default").await?;
+    cfg.spec.node_to_node_mesh_enabled = Some(false);
+    store.update(&cfg).await?;
+    // The mesh sessions go: node2 keeps only the reflector and its ToR.
+    wait_sessions(&plan::node(2).netns, 2)
+        .await
+        .context("with the mesh off node2 should keep two sessions: the reflector and the ToR")?;
+    let took = wait_full(&eps, Duration::from_secs(30)).await?;
+    let gap = probe.finish();
+    ensure!(
+        gap < Duration::from_secs(5),
+        "a pod lost reachability for {gap:?} during the switch"
+    );
+    Ok(Outcome {
+        longest_gap: Some(gap),
+        notes: vec![
+            "node1 reflects for the others; nodeToNodeMeshEnabled: false".into(),
+            format!(
+                "longest reachability gap during the switch: {:.2} s",
+                gap.as_secs_f64()
+            ),
+            "node2 keeps two BGP sessions (the reflector and the ToR) instead of the mesh".into(),
+            format!(
+                "matrix full {:.2} s after the mesh sessions closed",
+                took.as_secs_f64()
+            ),
+        ],
+        ..Default::default()
+    })
+}
+
+fn external_access(st: &LabState) -> Result<Outcome> {
+    let mut notes = Vec::new();
+    for p in &st.pods {
+        let Some(ip) = p.ip else { continue };
+        ensure!(
+            matrix::ping(plan::OUTSIDE_NS, ip),
+            "the outside host cannot reach {} ({ip})",
+            p.name
+        );
+        ensure!(
+            matrix::tcp(plan::OUTSIDE_NS, ip, plan::ECHO_PORT),
+            "the outside host cannot connect to {} ({ip})",
+            p.name
+        );
+    }
+    notes.push(format!(
+        "the outside host reached all {} pods (ICMP and TCP)",
+        st.pods.len()
+    ));
+    Ok(Outcome {
+        notes,
+        ..Default::default()
+    })
+}
+
+fn nat(st: &LabState) -> Result<Outcome> {
+    // Watch what the outside host sees while every pod pings it.
+    let dump = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            plan::OUTSIDE_NS,
+            "timeout",
+            "10",
+            "tcpdump",
+            "-n",
+            "-l",
+            "-i",
+            "eth0",
+            "icmp[icmptype] == icmp-echo",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running tcpdump (install tcpdump)")?;
+    std::thread::sleep(Duration::from_millis(700));
+    for p in &st.pods {
+        ensure!(
+            matrix::ping(&p.netns, plan::OUTSIDE_ADDR.into()),
+            "{} cannot reach the outside host",
+            p.name
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let out = dump.wait_with_output()?;
+    let seen = String::from_utf8_lossy(&out.stdout);
+    let sources: std::collections::BTreeSet<String> = seen
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .collect();
+    ensure!(!sources.is_empty(), "the outside host saw no pings");
+    for s in &sources {
+        ensure!(
+            s.starts_with("172.30."),
+            "the outside host saw a pod address {s}: natOutgoing did not apply"
+        );
+    }
+    Ok(Outcome {
+        notes: vec![format!(
+            "every pod reached the outside host, which saw only node addresses: {}",
+            sources.into_iter().collect::<Vec<_>>().join(", ")
+        )],
+        ..Default::default()
+    })
+}

@@ -1,0 +1,159 @@
+//! The lab, end to end: each scenario on a fresh lab (`lab up`, `lab scenario`, `lab down`),
+//! run through the real margayctl binary as a user runs it. Needs root; the tests in this file
+//! share the lab's fixed namespace names, and the CI profile runs them one at a time.
+
+use std::process::{Command, Output};
+use std::time::Instant;
+
+fn margayctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_margayctl"))
+        .args(args)
+        .output()
+        .expect("margayctl runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Brings the lab down when dropped, so a failing test leaves nothing behind.
+struct Lab;
+
+impl Lab {
+    fn up(args: &[&str]) -> Option<Lab> {
+        if !nix::unistd::Uid::effective().is_root() {
+            println!("SKIPPED lab test: needs root to build network namespaces");
+            return None;
+        }
+        // A lab left by an interrupted run would make `up` refuse.
+        let _ = margayctl(&["lab", "down"]);
+        let t = Instant::now();
+        let mut full = vec!["lab", "up"];
+        full.extend_from_slice(args);
+        let out = margayctl(&full);
+        let lab = Lab;
+        assert!(
+            out.status.success(),
+            "lab up {args:?} failed:\n{}",
+            text(&out)
+        );
+        let s = text(&out);
+        assert!(s.contains("full reachability"), "{s}");
+        println!(
+            "lab up {args:?}: {:.1} s\n{}",
+            t.elapsed().as_secs_f64(),
+            s.lines().last().unwrap_or("")
+        );
+        Some(lab)
+    }
+
+    fn scenario(&self, name: &str) -> String {
+        let out = margayctl(&["lab", "scenario", name]);
+        let s = text(&out);
+        assert!(out.status.success(), "scenario {name} failed:\n{s}");
+        println!("{s}");
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let state = std::fs::read_to_string("/run/margay-lab/state.json").unwrap_or_default();
+        let out = margayctl(&["lab", "down"]);
+        if std::thread::panicking() {
+            return;
+        }
+        assert!(out.status.success(), "lab down failed:\n{}", text(&out));
+        let left: Vec<String> = std::fs::read_dir("/var/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("mgl-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "lab down left namespaces: {left:?}");
+        // Every process the lab recorded is gone (or a zombie awaiting its reaper).
+        let v: serde_json::Value = serde_json::from_str(&state).unwrap_or_default();
+        for d in v["daemons"].as_array().into_iter().flatten() {
+            let pid = d["pid"].as_u64().unwrap_or(0);
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = !stat.is_empty()
+                && !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z');
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = cmd.contains(d["program"].as_str().unwrap_or("?"));
+            assert!(
+                !(running && ours),
+                "lab down left {} (pid {pid}) running",
+                d["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn lab_up_status_and_down() {
+    let Some(_lab) = Lab::up(&[]) else { return };
+    let out = margayctl(&["lab", "status"]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    for want in ["node1", "node3", "pod-node2-1", "10.244."] {
+        assert!(s.contains(want), "status lacks {want}:\n{s}");
+    }
+}
+
+#[test]
+fn lab_scenario_pod_churn() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    let s = lab.scenario("pod-churn");
+    assert!(s.contains("ipam check: clean"), "{s}");
+}
+
+#[test]
+fn lab_scenario_pool_edit() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    lab.scenario("pool-edit");
+}
+
+#[test]
+fn lab_scenario_node_loss() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    lab.scenario("node-loss");
+}
+
+#[test]
+fn lab_scenario_mesh_to_rr() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    lab.scenario("mesh-to-rr");
+}
+
+#[test]
+fn lab_scenario_external_access_without_encapsulation() {
+    let Some(lab) = Lab::up(&["--encap", "none"]) else {
+        return;
+    };
+    lab.scenario("external-access");
+}
+
+#[test]
+fn lab_scenario_nat() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    lab.scenario("nat");
+}
+
+#[test]
+fn lab_with_margay_bgpd_as_route_reflector() {
+    let Some(lab) = Lab::up(&["--router", "margay", "--encap", "none"]) else {
+        return;
+    };
+    lab.scenario("external-access");
+}
