@@ -438,6 +438,42 @@ impl Agent {
             self.metrics
                 .bgp_sessions_established
                 .store(up as u64, Ordering::Relaxed);
+            let states: Vec<margay_api::BGPPeerState> = peers
+                .iter()
+                .map(|p| margay_api::BGPPeerState {
+                    peer_ip: p.address.to_string(),
+                    state: p.state.clone(),
+                    since: None,
+                    prefixes_received: p.prefixes_accepted as u64,
+                    prefixes_advertised: p.prefixes_advertised as u64,
+                })
+                .collect();
+            self.publish_bgp_status(states).await;
+        }
+    }
+
+    /// Reports the BGP sessions in the Node's status (what `margayctl lab status` and users
+    /// read), when they changed.
+    async fn publish_bgp_status(&self, mut peers: Vec<margay_api::BGPPeerState>) {
+        peers.sort_by(|a, b| a.peer_ip.cmp(&b.peer_ip));
+        let mut current = self.view.nodes.get(&self.node);
+        for _ in 0..3 {
+            let Some(mut n) = current.take() else { return };
+            if n.status.as_ref().map(|s| &s.bgp_peers) == Some(&peers) {
+                return;
+            }
+            n.status.get_or_insert_with(Default::default).bgp_peers = peers.clone();
+            match self.store.update_status(&n).await {
+                Ok(_) => return,
+                // The informer's copy was behind a write of ours: read the Node afresh.
+                Err(e) if e.is_conflict() => {
+                    current = self.store.try_get::<Node>(&self.node).await.ok().flatten()
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "BGP status not written");
+                    return;
+                }
+            }
         }
     }
 

@@ -95,19 +95,21 @@ pub fn full(m: &[Vec<Option<Reach>>]) -> bool {
 
 /// The matrix as a table: `✓` both probes passed, `i` ICMP only, `t` TCP only, `✗` neither.
 pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Reach>>]) -> String {
+    let label = |i: usize, e: &Endpoint| format!("{} {}", i + 1, e.name);
     let w = endpoints
         .iter()
-        .map(|e| e.name.len())
+        .enumerate()
+        .map(|(i, e)| label(i, e).len())
         .max()
-        .unwrap_or(4)
-        .max(4);
+        .unwrap_or(7)
+        .max(7);
     let mut s = format!("{:w$}", "from\\to");
     for (j, _) in endpoints.iter().enumerate() {
         s.push_str(&format!(" {:>3}", j + 1));
     }
     s.push('\n');
     for (i, e) in endpoints.iter().enumerate() {
-        s.push_str(&format!("{:w$}", format!("{} {}", i + 1, e.name)));
+        s.push_str(&format!("{:w$}", label(i, e)));
         for cell in &m[i] {
             let c = match cell {
                 None => "·",

@@ -752,8 +752,34 @@ fn endpoints(st: &LabState) -> Vec<matrix::Endpoint> {
         .collect()
 }
 
+/// A node's BGP sessions as its agent reports them in the Node status.
+fn bgp_sessions(nodes: &[Node], name: &str) -> String {
+    let sessions: Vec<String> = nodes
+        .iter()
+        .find(|o| o.metadata.name.as_deref() == Some(name))
+        .and_then(|o| o.status.as_ref())
+        .map(|s| {
+            s.bgp_peers
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {} {}/{}",
+                        p.peer_ip, p.state, p.prefixes_received, p.prefixes_advertised
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if sessions.is_empty() {
+        "-".into()
+    } else {
+        sessions.join(", ")
+    }
+}
+
 async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
     let (affinities, _) = store.list::<BlockAffinity>().await?;
+    let (node_objs, _) = store.list::<Node>().await?;
     println!("\nNODES");
     let rows: Vec<Vec<String>> = st
         .nodes
@@ -785,12 +811,23 @@ async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
                 } else {
                     blocks.join(",")
                 },
+                bgp_sessions(&node_objs, name),
             ]
         })
         .collect();
     print!(
         "{}",
-        crate::output::table(&["NODE", "ADDRESS", "SUBNET", "AGENT", "BLOCKS"], &rows)
+        crate::output::table(
+            &[
+                "NODE",
+                "ADDRESS",
+                "SUBNET",
+                "AGENT",
+                "BLOCKS",
+                "BGP (peer state received/advertised)"
+            ],
+            &rows
+        )
     );
     println!("\nPODS");
     let rows: Vec<Vec<String>> = st
