@@ -838,14 +838,15 @@ impl Agent {
         tokio::task::spawn_blocking(move || Agent::ensure_pod_interface_sysctls(&cali))
             .await
             .map_err(|e| AgentError::Address(format!("sysctl task: {e}")))?;
-        // NAT: pod sources in a natOutgoing pool going anywhere outside every pool.
+        // NAT: pod sources in a natOutgoing pool going anywhere outside every pool. A disabled
+        // pool gives no new addresses, but its pods keep working, NAT included.
         let all_pools = self.view.pools.snapshot();
         let nat_pools: Vec<NatPool> = all_pools
             .iter()
             .filter_map(|p| {
                 Some(NatPool {
                     cidr: p.spec.network()?,
-                    nat_outgoing: p.spec.nat_outgoing && !p.spec.disabled,
+                    nat_outgoing: p.spec.nat_outgoing,
                 })
             })
             .collect();
