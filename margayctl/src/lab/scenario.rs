@@ -276,6 +276,9 @@ async fn pool_edit(st: &mut LabState, store: &Store) -> Result<Outcome> {
         "old and new pods all reach each other ({:.2} s)",
         took.as_secs_f64()
     ));
+    // The old pool is disabled, not gone: its pods keep reaching the outside through NAT.
+    nat(st).context("after disabling the old pool")?;
+    notes.push("old and new pods still reach the outside through natOutgoing".into());
     Ok(Outcome {
         notes,
         ..Default::default()
