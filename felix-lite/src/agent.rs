@@ -419,9 +419,11 @@ impl Agent {
         let nodes = self.view.nodes.snapshot();
         let config = self.view.bgp_config(&self.node);
         let peers = self.view.bgp_peers.snapshot();
+        let secrets = self.resolve_secrets(config.as_ref(), &peers).await;
         let want = crate::bgp::desired_peers(&crate::bgp::PeerInputs {
             me: &self.node,
             my_ip: self.address.map(|a| a.addr()),
+            secrets: &secrets,
             my_labels: &labels,
             nodes: &nodes,
             config: config.as_ref(),
@@ -450,6 +452,63 @@ impl Agent {
                 .collect();
             self.publish_bgp_status(states).await;
         }
+    }
+
+    /// The secret values the BGP resources refer to: from files `<dir>/<secret>/<key>` (a
+    /// mounted Secret volume, or any directory in etcd mode; `MARGAY_SECRETS_DIR`, default
+    /// `/etc/margay/secrets`), else, in Kubernetes mode, from the Secret in the agent's
+    /// namespace (`POD_NAMESPACE`).
+    async fn resolve_secrets(
+        &self,
+        config: Option<&BGPConfiguration>,
+        peers: &[BGPPeer],
+    ) -> BTreeMap<(String, String), String> {
+        let dir =
+            std::env::var("MARGAY_SECRETS_DIR").unwrap_or_else(|_| "/etc/margay/secrets".into());
+        let mut out = BTreeMap::new();
+        for (name, key) in crate::bgp::secret_refs(config, peers) {
+            let path = Path::new(&dir).join(&name).join(&key);
+            let value = match std::fs::read_to_string(&path) {
+                Ok(v) => Some(v.trim_end_matches('\n').to_owned()),
+                Err(_) => self.kube_secret(&name, &key).await,
+            };
+            match value {
+                Some(v) => {
+                    out.insert((name, key), v);
+                }
+                None => {
+                    tracing::warn!(secret = %name, key = %key, "BGP password not found in {} nor the API", path.display())
+                }
+            }
+        }
+        out
+    }
+
+    async fn kube_secret(&self, name: &str, key: &str) -> Option<String> {
+        use base64::Engine;
+        let margay_api::DatastoreConfig::Kubernetes { kubeconfig } = &self.cfg.datastore else {
+            return None;
+        };
+        let client = match kubeconfig {
+            Some(p) => {
+                let kc = kube::config::Kubeconfig::read_from(p).ok()?;
+                let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .ok()?;
+                kube::Client::try_from(cfg).ok()?
+            }
+            None => kube::Client::try_default().await.ok()?,
+        };
+        let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "margay-system".into());
+        let req = http::Request::get(format!("/api/v1/namespaces/{ns}/secrets/{name}"))
+            .body(Vec::new())
+            .ok()?;
+        let secret: serde_json::Value = client.request(req).await.ok()?;
+        let data = secret["data"][key].as_str()?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .ok()?;
+        String::from_utf8(bytes).ok()
     }
 
     /// Reports the BGP sessions in the Node's status (what `margayctl lab status` and users

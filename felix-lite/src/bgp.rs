@@ -63,6 +63,36 @@ pub struct PeerInputs<'a> {
     pub nodes: &'a [Node],
     pub config: Option<&'a BGPConfiguration>,
     pub peers: &'a [BGPPeer],
+    /// Secret values by (secret name, key), for `password.secretKeyRef`.
+    pub secrets: &'a BTreeMap<(String, String), String>,
+}
+
+/// Every (secret, key) the BGP resources refer to.
+pub fn secret_refs(
+    config: Option<&BGPConfiguration>,
+    peers: &[BGPPeer],
+) -> BTreeSet<(String, String)> {
+    config
+        .and_then(|c| c.spec.node_mesh_password.as_ref())
+        .into_iter()
+        .chain(peers.iter().filter_map(|p| p.spec.password.as_ref()))
+        .map(|p| (p.secret_key_ref.name.clone(), p.secret_key_ref.key.clone()))
+        .collect()
+}
+
+/// The password a `secretKeyRef` names: `Ok(None)` without one, `Err` when it cannot be read
+/// (the peer is then left out rather than tried without its password).
+fn password(
+    p: Option<&margay_api::BGPPassword>,
+    secrets: &BTreeMap<(String, String), String>,
+) -> Result<Option<String>, String> {
+    let Some(p) = p else { return Ok(None) };
+    let r = &p.secret_key_ref;
+    secrets
+        .get(&(r.name.clone(), r.key.clone()))
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| format!("secret {}/{} is not available", r.name, r.key))
 }
 
 pub fn node_ip(n: &Node) -> Option<IpAddr> {
@@ -117,13 +147,21 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
         }
         let mut p = PeerConfig::new(ip, node_as(Some(n), i.config));
         p.description = n.metadata.name.clone().unwrap_or_default();
+        match password(from.spec.password.as_ref(), i.secrets) {
+            Ok(pw) => p.md5_password = pw,
+            Err(why) => {
+                tracing::warn!(peer = %ip, "{why}: peer left out");
+                return;
+            }
+        }
         apply_peer_spec(&mut p, from, my_ip);
         p.rr_client = i_reflect && !is_reflector(n) && p.asn == my_as;
         out.insert(ip, p);
     };
     let mesh = i.config.is_none_or(|c| c.spec.mesh_enabled());
     if mesh {
-        let empty = BGPPeer::new("mesh", Default::default());
+        let mut empty = BGPPeer::new("mesh", Default::default());
+        empty.spec.password = i.config.and_then(|c| c.spec.node_mesh_password.clone());
         for n in i.nodes {
             if n.metadata.name.as_deref() != Some(i.me) {
                 add_node(n, &empty, &mut out);
@@ -148,6 +186,13 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
             p.description = bp.metadata.name.clone().unwrap_or_default();
             if let Some(port) = port {
                 p.port = port;
+            }
+            match password(s.password.as_ref(), i.secrets) {
+                Ok(pw) => p.md5_password = pw,
+                Err(why) => {
+                    tracing::warn!(peer = %ip, "{why}: peer left out");
+                    continue;
+                }
             }
             apply_peer_spec(&mut p, bp, my_ip);
             if let Some(std::net::IpAddr::V4(rid)) = my_ip {
@@ -355,6 +400,8 @@ mod tests {
             .unwrap_or_default();
         desired_peers(&PeerInputs {
             me,
+            my_ip: None,
+            secrets: &BTreeMap::new(),
             my_labels: &my_labels,
             nodes,
             config: Some(config),
@@ -441,6 +488,8 @@ mod tests {
         let cfg = config(false);
         let got = desired_peers(&PeerInputs {
             me: "a",
+            my_ip: None,
+            secrets: &BTreeMap::new(),
             my_labels: &my_labels,
             nodes: &nodes,
             config: Some(&cfg),
@@ -453,6 +502,59 @@ mod tests {
         );
         assert_eq!(p.local_address, Some("10.0.1.1".parse().unwrap()));
         assert!(peers_of("b", &nodes, &cfg, &[tor]).is_empty());
+    }
+
+    #[test]
+    fn passwords_come_from_secrets_and_a_missing_one_leaves_the_peer_out() {
+        use margay_api::{BGPPassword, SecretKeyRef};
+        let nodes = [node("a", "10.0.1.1", &[], false)];
+        let pw = |name: &str| {
+            Some(BGPPassword {
+                secret_key_ref: SecretKeyRef {
+                    name: name.into(),
+                    key: "tor".into(),
+                },
+            })
+        };
+        let peers = [
+            BGPPeer::new(
+                "t1",
+                BGPPeerSpec {
+                    peer_ip: Some("10.0.1.254".into()),
+                    as_number: Some(65001),
+                    password: pw("bgp"),
+                    ..Default::default()
+                },
+            ),
+            BGPPeer::new(
+                "t2",
+                BGPPeerSpec {
+                    peer_ip: Some("10.0.1.253".into()),
+                    as_number: Some(65001),
+                    password: pw("absent"),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let cfg = config(false);
+        assert_eq!(secret_refs(Some(&cfg), &peers).len(), 2);
+        let secrets =
+            BTreeMap::from([(("bgp".to_string(), "tor".to_string()), "s3cret".to_string())]);
+        let labels = BTreeMap::new();
+        let got = desired_peers(&PeerInputs {
+            me: "a",
+            my_ip: None,
+            my_labels: &labels,
+            nodes: &nodes,
+            config: Some(&cfg),
+            peers: &peers,
+            secrets: &secrets,
+        });
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got.values().next().unwrap().md5_password.as_deref(),
+            Some("s3cret")
+        );
     }
 
     #[test]

@@ -1125,7 +1125,7 @@ fn decode_one(c: &AttrCtx<'_, '_>) -> Result<Option<PathAttribute>, Fault> {
             }
         }
         COMMUNITIES => {
-            if v.is_empty() || v.len() % 4 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(4) {
                 return Err(c.length_fault(
                     "COMMUNITIES length",
                     withdraw,
@@ -1145,7 +1145,7 @@ fn decode_one(c: &AttrCtx<'_, '_>) -> Result<Option<PathAttribute>, Fault> {
             PathAttribute::OriginatorId(ipv4(v))
         }
         CLUSTER_LIST => {
-            if v.is_empty() || v.len() % 4 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(4) {
                 return Err(c.length_fault(
                     "CLUSTER_LIST length",
                     withdraw,
@@ -1155,7 +1155,7 @@ fn decode_one(c: &AttrCtx<'_, '_>) -> Result<Option<PathAttribute>, Fault> {
             PathAttribute::ClusterList(v.chunks_exact(4).map(ipv4).collect())
         }
         EXTENDED_COMMUNITIES => {
-            if v.is_empty() || v.len() % 8 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(8) {
                 return Err(c.length_fault(
                     "EXTENDED_COMMUNITIES length",
                     withdraw,
@@ -1169,7 +1169,7 @@ fn decode_one(c: &AttrCtx<'_, '_>) -> Result<Option<PathAttribute>, Fault> {
             )
         }
         LARGE_COMMUNITY => {
-            if v.is_empty() || v.len() % 12 != 0 {
+            if v.is_empty() || !v.len().is_multiple_of(12) {
                 return Err(c.length_fault(
                     "LARGE_COMMUNITY length",
                     withdraw,

@@ -207,7 +207,7 @@ impl Capability {
                 Self::FourOctetAs(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
             }
             GRACEFUL_RESTART => {
-                if v.len() < 2 || (v.len() - 2) % 4 != 0 {
+                if v.len() < 2 || !(v.len() - 2).is_multiple_of(4) {
                     return Err(bad());
                 }
                 let head = u16_at(0);
@@ -225,7 +225,7 @@ impl Capability {
                 })
             }
             LONG_LIVED_GRACEFUL_RESTART => {
-                if v.len() % 7 != 0 {
+                if !v.len().is_multiple_of(7) {
                     return Err(bad());
                 }
                 Self::LongLivedGracefulRestart(
@@ -240,7 +240,7 @@ impl Capability {
                 )
             }
             ADD_PATH => {
-                if v.len() % 4 != 0 {
+                if !v.len().is_multiple_of(4) {
                     return Err(bad());
                 }
                 Self::AddPath(
@@ -254,7 +254,7 @@ impl Capability {
                 )
             }
             EXTENDED_NEXT_HOP => {
-                if v.len() % 6 != 0 {
+                if !v.len().is_multiple_of(6) {
                     return Err(bad());
                 }
                 Self::ExtendedNextHop(

@@ -130,10 +130,8 @@ pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Reach>>]) -> String {
 pub fn serve_echo(port: u16, name: &str) -> std::io::Result<()> {
     use std::io::Write;
     let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
-    for conn in listener.incoming() {
-        if let Ok(mut c) = conn {
-            let _ = c.write_all(format!("{name}\n").as_bytes());
-        }
+    for mut c in listener.incoming().flatten() {
+        let _ = c.write_all(format!("{name}\n").as_bytes());
     }
     Ok(())
 }
