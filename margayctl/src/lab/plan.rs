@@ -72,7 +72,11 @@ impl NodePlan {
 }
 
 pub fn node(index: u8) -> NodePlan {
-    let subnet = if index.is_multiple_of(3) { Subnet::B } else { Subnet::A };
+    let subnet = if index.is_multiple_of(3) {
+        Subnet::B
+    } else {
+        Subnet::A
+    };
     NodePlan {
         index,
         name: format!("node{index}"),
