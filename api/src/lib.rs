@@ -17,4 +17,6 @@ pub mod store;
 pub mod validation;
 
 pub use resources::*;
-pub use store::{Backend, DatastoreConfig, Kind, Revision, Store, StoreError, WatchEvent};
+pub use store::{
+    Backend, Commit, Committed, DatastoreConfig, Kind, Revision, Store, StoreError, WatchEvent,
+};

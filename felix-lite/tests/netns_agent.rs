@@ -5,68 +5,20 @@
 use margay_api::store::etcd::{EtcdBackend, EtcdConfig};
 use margay_api::{IPPool, IPPoolSpec, Store};
 use margay_ipam::{AddressUse, Allocator, AllocatorConfig, AssignRequest};
-use margay_testkit::netns::{can_build_namespaces, unique_prefix, Fabric, TestNetns};
+mod common;
+
+use common::{start_agent, Agent};
+use margay_testkit::netns::{
+    can_build_namespaces, unique_prefix, wait_for, Fabric, KillOnDrop, TestNetns,
+};
 use margay_testkit::EtcdProcess;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// A margay-node process inside a node namespace, killed by PID when dropped.
-struct AgentProcess {
-    child: Child,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_agent(
-    ns: &TestNetns,
-    node: &str,
-    addr: &str,
-    etcd: &str,
-    state: &std::path::Path,
-    bgp: bool,
-) -> AgentProcess {
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_margay-node"))
-        .env("NODENAME", node)
-        .env("MARGAY_ETCD_ENDPOINTS", etcd)
-        .env("MARGAY_ETCD_PREFIX", "/margay-agent-test/")
-        .env("IP", addr)
-        .env("MARGAY_STATE_DIR", state)
-        .env("MARGAY_BGP_ENABLED", if bgp { "true" } else { "false" })
-        .env("MARGAY_RESYNC_INTERVAL", "30s")
-        .env("MARGAY_HEALTH_LISTEN", "127.0.0.1:9099")
-        .env("MARGAY_METRICS_LISTEN", "127.0.0.1:9091")
-        .env("MARGAY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("margay-node starts");
-    AgentProcess { child }
-}
+use std::time::Duration;
 
 fn margay_routes(ns: &TestNetns) -> String {
     ns.ip(&["route", "show", "proto", "77"]).unwrap_or_default()
-}
-
-/// Polls until `f` holds, for at most `limit`; returns how long it took.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 /// Routes from the datastore (BGP off: the VXLAN-only way).
@@ -141,18 +93,21 @@ async fn blocks_become_routes(bgp: bool) {
     }
     let state = tempfile::tempdir().unwrap();
     let endpoint = etcd.endpoint_on(host);
-    let _agents: Vec<AgentProcess> = nodes
+    let _agents: Vec<KillOnDrop> = nodes
         .iter()
         .enumerate()
         .map(|(i, ns)| {
             let dir = state.path().join(format!("n{}", i + 1));
             start_agent(
                 ns,
-                &format!("node{}", i + 1),
-                &format!("192.168.251.1{}/24", i + 1),
-                &endpoint,
-                &dir,
-                bgp,
+                Agent {
+                    node: &format!("node{}", i + 1),
+                    addr: &format!("192.168.251.1{}/24", i + 1),
+                    etcd: &endpoint,
+                    etcd_prefix: "/margay-agent-test/",
+                    state: &dir,
+                    bgp,
+                },
             )
         })
         .collect();

@@ -8,21 +8,16 @@
 use margay_api::store::etcd::{EtcdBackend, EtcdConfig};
 use margay_api::{EncapMode, IPPool, IPPoolSpec, Store};
 use margay_ipam::{AddressUse, Allocator, AllocatorConfig, AssignRequest};
-use margay_testkit::netns::{can_build_namespaces, unique_prefix, Fabric, TestNetns};
+mod common;
+
+use common::{start_agent, Agent};
+use margay_testkit::netns::{can_build_namespaces, unique_prefix, Fabric, KillOnDrop, TestNetns};
 use margay_testkit::EtcdProcess;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct NodeDef {
     name: &'static str,
@@ -109,7 +104,7 @@ fn capture(ns: &TestNetns, iface: &str, filter: &str, traffic: impl FnOnce()) ->
         .stderr(Stdio::null())
         .spawn()
         .expect("tcpdump starts");
-    let guard = Killed(child);
+    let guard = KillOnDrop(child);
     std::thread::sleep(Duration::from_millis(500));
     traffic();
     let mut guard = guard;
@@ -194,27 +189,20 @@ async fn netns_vxlan_cross_subnet_and_nat_outgoing() {
         .await
         .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let _agents: Vec<Killed> = nodes
+    let _agents: Vec<KillOnDrop> = nodes
         .iter()
         .zip(NODES.iter())
         .map(|(ns, def)| {
-            Killed(
-                ns.command(env!("CARGO_BIN_EXE_margay-node"))
-                    .env("NODENAME", def.name)
-                    .env(
-                        "MARGAY_ETCD_ENDPOINTS",
-                        etcd.endpoint_on(def.etcd_ip.parse().unwrap()),
-                    )
-                    .env("MARGAY_ETCD_PREFIX", prefix)
-                    .env("IP", def.addr)
-                    .env("MARGAY_STATE_DIR", state.path().join(def.name))
-                    .env("MARGAY_BGP_ENABLED", "false")
-                    .env("MARGAY_HEALTH_LISTEN", "127.0.0.1:9099")
-                    .env("MARGAY_METRICS_LISTEN", "127.0.0.1:9091")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("margay-node starts"),
+            start_agent(
+                ns,
+                Agent {
+                    node: def.name,
+                    addr: def.addr,
+                    etcd: &etcd.endpoint_on(def.etcd_ip.parse().unwrap()),
+                    etcd_prefix: prefix,
+                    state: &state.path().join(def.name),
+                    bgp: false,
+                },
             )
         })
         .collect();

@@ -11,8 +11,9 @@ use futures::StreamExt;
 use margay_api::store::etcd::EtcdBackend;
 use margay_api::store::kube::KubeBackend;
 use margay_api::store::memory::MemoryBackend;
+use margay_api::store::MAX_COMMIT_WRITES;
 use margay_api::{
-    Backend, Condition, IPAMHandle, IPAMHandleSpec, IPPool, IPPoolSpec, IPPoolStatus, Kind,
+    Backend, Commit, Condition, IPAMHandle, IPAMHandleSpec, IPPool, IPPoolSpec, IPPoolStatus, Kind,
     Revision, Store, StoreError, WatchEvent,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -180,6 +181,11 @@ macro_rules! contract_tests {
             kinds_are_isolated,
             concurrent_compare_and_swap_loses_no_increment,
             typed_round_trip_keeps_every_field,
+            commit_is_all_or_nothing_and_names_the_failing_object,
+            commit_creates_updates_and_deletes_together,
+            a_commit_is_seen_by_watches_at_one_revision,
+            concurrent_commits_on_overlapping_objects_never_both_succeed,
+            a_commit_carries_up_to_its_limit_of_writes,
         );
     };
     (@cases $start:path; $($case:ident),* $(,)?) => {
@@ -724,5 +730,399 @@ pub async fn typed_round_trip_keeps_every_field(t: &dyn ContractTarget) {
         got.metadata.labels.as_ref().unwrap()["team"],
         "infra",
         "update writes labels"
+    );
+}
+
+// ===== commits =====
+
+fn count(h: &IPAMHandle) -> i64 {
+    h.spec.block[COUNTER_BLOCK]
+}
+
+fn with_count(h: &IPAMHandle, n: i64) -> IPAMHandle {
+    let mut h = h.clone();
+    h.spec.block.insert(COUNTER_BLOCK.into(), n);
+    h
+}
+
+fn with_nat(p: &IPPool) -> IPPool {
+    let mut p = p.clone();
+    p.spec.nat_outgoing = !p.spec.nat_outgoing;
+    p
+}
+
+fn assert_names(err: &StoreError, kind: Kind, name: &str) {
+    assert!(
+        err.is_about(kind, name),
+        "the error must name {kind} {name:?}: {err:?}"
+    );
+}
+
+/// A commit with a failed condition writes nothing (atomic backends) and its error names the
+/// object whose condition failed, the first in the commit's order. On a backend that commits
+/// in order, the writes before the failed one stay and none after it is made. Refusals found
+/// before writing (an invalid object, an object written twice) write nothing on any backend.
+pub async fn commit_is_all_or_nothing_and_names_the_failing_object(t: &dyn ContractTarget) {
+    let store = t.store();
+    let atomic = store.atomic_commit();
+    store.create(&pool("p", "10.1.0.0/16")).await.unwrap();
+    let h = store.create(&handle("h")).await.unwrap();
+    let h_now = store.update(&with_count(&h, 5)).await.unwrap();
+
+    // A stale revision, last in the commit.
+    let p: IPPool = store.get("p").await.unwrap();
+    let err = store
+        .commit(
+            Commit::new()
+                .create(&pool("n", "10.9.0.0/16"))
+                .update(&with_nat(&p))
+                .update(&with_count(&h, 1)),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        StoreError::Conflict {
+            kind: Kind::IPAMHandle,
+            name,
+            expected,
+            actual,
+        } if name == "h" => {
+            assert_eq!(*expected, rev(&h));
+            assert_eq!(*actual, Some(rev(&h_now)));
+        }
+        other => panic!("expected Conflict naming IPAMHandle h, got {other:?}"),
+    }
+    assert_eq!(
+        store.get::<IPAMHandle>("h").await.unwrap(),
+        h_now,
+        "the stale object is untouched"
+    );
+    let p_after: IPPool = store.get("p").await.unwrap();
+    let n_after = store.try_get::<IPPool>("n").await.unwrap();
+    if atomic {
+        assert_eq!(p_after, p, "nothing of a failed commit is written");
+        assert_eq!(n_after, None, "nothing of a failed commit is written");
+    } else {
+        assert_eq!(
+            p_after.spec,
+            with_nat(&p).spec,
+            "writes before the failure stay"
+        );
+        assert!(n_after.is_some(), "writes before the failure stay");
+        store.delete(&n_after.unwrap()).await.unwrap();
+    }
+
+    // A create of a name that exists, after an update that would succeed.
+    let p: IPPool = store.get("p").await.unwrap();
+    let err = store
+        .commit(Commit::new().update(&with_nat(&p)).create(&handle("h")))
+        .await
+        .unwrap_err();
+    assert!(err.is_already_exists(), "{err:?}");
+    assert_names(&err, Kind::IPAMHandle, "h");
+    if atomic {
+        assert_eq!(store.get::<IPPool>("p").await.unwrap(), p);
+    }
+
+    // An update of an object that is gone.
+    let gone = store.create(&pool("gone", "10.8.0.0/16")).await.unwrap();
+    store.delete(&gone).await.unwrap();
+    let err = store
+        .commit(
+            Commit::new()
+                .create(&pool("n2", "10.7.0.0/16"))
+                .update(&with_nat(&gone)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    assert_names(&err, Kind::IPPool, "gone");
+    if atomic {
+        assert_eq!(store.try_get::<IPPool>("n2").await.unwrap(), None);
+    }
+
+    // Two failing conditions: the first in the commit's order is the one named.
+    let p: IPPool = store.get("p").await.unwrap();
+    let err = store
+        .commit(
+            Commit::new()
+                .update(&with_count(&h, 2))
+                .create(&pool("p", "10.1.0.0/16")),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    assert_names(&err, Kind::IPAMHandle, "h");
+    assert_eq!(store.get::<IPPool>("p").await.unwrap(), p);
+
+    // Refused before anything is written, on every backend: an invalid object ...
+    let err = store
+        .commit(
+            Commit::new()
+                .create(&pool("n3", "10.6.0.0/16"))
+                .create(&pool("bad", "not-a-cidr")),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+    assert_names(&err, Kind::IPPool, "bad");
+    assert_eq!(store.try_get::<IPPool>("n3").await.unwrap(), None);
+    // ... and one object written twice.
+    let err = store
+        .commit(
+            Commit::new()
+                .create(&pool("n4", "10.5.0.0/16"))
+                .update(&with_nat(&p))
+                .update(&p),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Rejected { .. }), "{err:?}");
+    assert!(err.to_string().contains("twice"), "{err}");
+    assert_eq!(store.try_get::<IPPool>("n4").await.unwrap(), None);
+    assert_eq!(store.get::<IPPool>("p").await.unwrap(), p);
+}
+
+/// One commit creates, updates and deletes objects of several kinds. Each result is the object
+/// as stored; an update keeps the stored status and a create drops one; an atomic commit
+/// writes everything at one revision, newer than anything before.
+pub async fn commit_creates_updates_and_deletes_together(t: &dyn ContractTarget) {
+    let store = t.store();
+    let p = store.create(&pool("p", "10.1.0.0/16")).await.unwrap();
+    let mut with_status = p.clone();
+    with_status.status = Some(IPPoolStatus {
+        conditions: vec![valid_condition()],
+    });
+    let p = store.update_status(&with_status).await.unwrap();
+    let old = store.create(&handle("old")).await.unwrap();
+
+    let mut p2 = with_nat(&p);
+    p2.status = None; // an update never writes status, so none is kept from here
+    let done = store
+        .commit(
+            Commit::new()
+                .create(&pool("q", "10.2.0.0/16"))
+                .update(&p2)
+                .delete(&old)
+                .create(&with_count(&handle("new"), 3)),
+        )
+        .await
+        .unwrap();
+
+    let q: IPPool = done.get("q").unwrap();
+    assert_eq!(store.get::<IPPool>("q").await.unwrap(), q);
+    assert_eq!(q.status, None, "a create in a commit drops the status");
+    let p_now: IPPool = done.get("p").unwrap();
+    assert_eq!(store.get::<IPPool>("p").await.unwrap(), p_now);
+    assert!(p_now.spec.nat_outgoing);
+    assert_eq!(
+        p_now.status, p.status,
+        "an update in a commit keeps the status"
+    );
+    let new: IPAMHandle = done.get("new").unwrap();
+    assert_eq!(count(&new), 3);
+    assert_eq!(store.get::<IPAMHandle>("new").await.unwrap(), new);
+    assert_eq!(store.try_get::<IPAMHandle>("old").await.unwrap(), None);
+    assert!(done.get::<IPAMHandle>("old").unwrap_err().is_not_found());
+
+    let revs = done.revisions();
+    assert_eq!(revs.len(), 4);
+    assert_eq!(revs[2], None, "a delete has no object");
+    let written: Vec<Revision> = revs.iter().flatten().copied().collect();
+    assert_eq!(written, vec![rev(&q), rev(&p_now), rev(&new)]);
+    assert!(written.iter().all(|&r| r > rev(&old)));
+    if store.atomic_commit() {
+        assert!(
+            written.iter().all(|&r| r == written[0]),
+            "an atomic commit writes at one revision: {revs:?}"
+        );
+        let (_, list_rev) = store.list::<IPPool>().await.unwrap();
+        assert_eq!(list_rev, written[0], "the commit is the latest write");
+    } else {
+        assert_strictly_increasing(&written);
+    }
+}
+
+/// Watches see every change of a commit, with the revisions the commit returned: one revision
+/// for all of them on an atomic backend, even several objects of one kind. A watch resumed
+/// from that revision sees none of them again.
+pub async fn a_commit_is_seen_by_watches_at_one_revision(t: &dyn ContractTarget) {
+    let store = t.store();
+    let a = store.create(&pool("a", "10.1.0.0/16")).await.unwrap();
+    let h = store.create(&handle("h")).await.unwrap();
+    let (_, from) = store.list::<IPPool>().await.unwrap();
+    let mut pools = store.watch::<IPPool>(from).await.unwrap();
+    let mut handles = store.watch::<IPAMHandle>(from).await.unwrap();
+
+    let done = store
+        .commit(
+            Commit::new()
+                .create(&pool("b", "10.2.0.0/16"))
+                .create(&pool("c", "10.3.0.0/16"))
+                .update(&with_nat(&a))
+                .update(&with_count(&h, 7)),
+        )
+        .await
+        .unwrap();
+    let revs: Vec<Revision> = done.revisions().into_iter().flatten().collect();
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(describe(&next_change(&mut pools).await));
+    }
+    let expected: Vec<(String, String, Revision)> = vec![
+        ("Added".into(), "b".into(), revs[0]),
+        ("Added".into(), "c".into(), revs[1]),
+        ("Modified".into(), "a".into(), revs[2]),
+    ];
+    assert_eq!(seen, expected);
+    match next_change(&mut handles).await {
+        WatchEvent::Modified(o) => {
+            assert_eq!(count(&o), 7);
+            assert_eq!(rev(&o), revs[3]);
+        }
+        other => panic!("expected the handle's change, got {other:?}"),
+    }
+    if store.atomic_commit() {
+        assert!(
+            revs.iter().all(|&r| r == revs[0]),
+            "one revision for the whole commit: {revs:?}"
+        );
+    } else {
+        assert_strictly_increasing(&revs);
+    }
+    assert_no_change(&mut pools, Duration::from_millis(300)).await;
+
+    // Resuming from the last revision handled: nothing of the commit comes again, and what
+    // follows does.
+    let mut resumed = store.watch::<IPPool>(revs[2]).await.unwrap();
+    let d = store.create(&pool("d", "10.4.0.0/16")).await.unwrap();
+    assert_eq!(
+        describe(&next_change(&mut resumed).await),
+        ("Added".to_string(), "d".to_string(), rev(&d))
+    );
+    assert_no_change(&mut resumed, Duration::from_millis(300)).await;
+}
+
+/// Tasks committing increments of two counters together, in either order, with re-read and
+/// retry on failure: on an atomic backend both counters end at the number of commits (no
+/// commit half-applied, none lost), and no two successful commits share a revision. On a
+/// backend that commits in order, the first counter of a commit whose second write failed was
+/// incremented, and exactly those extra increments show.
+pub async fn concurrent_commits_on_overlapping_objects_never_both_succeed(t: &dyn ContractTarget) {
+    const TASKS: usize = 4;
+    const COMMITS: usize = 250;
+    let store = t.store();
+    let atomic = store.atomic_commit();
+    store.create(&handle("a")).await.unwrap();
+    store.create(&handle("b")).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let order = if task % 2 == 0 {
+                ["a", "b"]
+            } else {
+                ["b", "a"]
+            };
+            let mut revisions = Vec::with_capacity(COMMITS);
+            // Increments of one counter alone (its commit failed on the other, second write).
+            let mut alone: BTreeMap<&str, i64> = BTreeMap::new();
+            let mut failures = 0usize;
+            for _ in 0..COMMITS {
+                loop {
+                    let first: IPAMHandle = store.get(order[0]).await.expect("read");
+                    let second: IPAMHandle = store.get(order[1]).await.expect("read");
+                    let commit = Commit::new()
+                        .update(&with_count(&first, count(&first) + 1))
+                        .update(&with_count(&second, count(&second) + 1));
+                    match store.commit(commit).await {
+                        Ok(done) => {
+                            revisions.push(done.revisions());
+                            break;
+                        }
+                        Err(e) if e.is_conflict() => {
+                            failures += 1;
+                            if e.is_about(Kind::IPAMHandle, order[1]) && !atomic {
+                                *alone.entry(order[0]).or_default() += 1;
+                            }
+                        }
+                        Err(e) => panic!("commit failed: {e}"),
+                    }
+                }
+            }
+            (revisions, alone, failures)
+        }));
+    }
+    let mut all = HashSet::new();
+    let mut alone: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut failures = 0;
+    let mut commits = 0;
+    for task in tasks {
+        let (revs, a, f) = task.await.expect("a committing task panicked");
+        commits += revs.len();
+        failures += f;
+        for (k, n) in a {
+            *alone.entry(k).or_default() += n;
+        }
+        for r in revs {
+            if atomic {
+                assert!(
+                    r[0].is_some() && r[0] == r[1],
+                    "one revision per commit: {r:?}"
+                );
+            }
+            all.insert(r[0]);
+        }
+    }
+    assert_eq!(commits, TASKS * COMMITS);
+    assert_eq!(
+        all.len(),
+        commits,
+        "no two successful commits share a revision"
+    );
+    let total = (TASKS * COMMITS) as i64;
+    for name in ["a", "b"] {
+        let h: IPAMHandle = store.get(name).await.unwrap();
+        assert_eq!(
+            count(&h),
+            total + alone.get(name).copied().unwrap_or(0),
+            "counter {name}: every successful commit counts once ({failures} failed commits retried)"
+        );
+    }
+    if atomic {
+        assert!(alone.is_empty());
+    }
+}
+
+/// A commit may carry MAX_COMMIT_WRITES writes (etcd's default transaction limit allows them);
+/// one more is refused before anything is written.
+pub async fn a_commit_carries_up_to_its_limit_of_writes(t: &dyn ContractTarget) {
+    let store = t.store();
+    let mut commit = Commit::new();
+    for i in 0..MAX_COMMIT_WRITES {
+        commit = commit.create(&handle(&format!("h{i}")));
+    }
+    let done = store.commit(commit).await.unwrap();
+    assert_eq!(done.revisions().len(), MAX_COMMIT_WRITES);
+    let (items, _) = store.list::<IPAMHandle>().await.unwrap();
+    assert_eq!(items.len(), MAX_COMMIT_WRITES);
+
+    let mut commit = Commit::new();
+    for i in 0..=MAX_COMMIT_WRITES {
+        commit = commit.create(&handle(&format!("x{i}")));
+    }
+    let err = store.commit(commit).await.unwrap_err();
+    assert!(matches!(err, StoreError::Rejected { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&MAX_COMMIT_WRITES.to_string()),
+        "{err}"
+    );
+    let (items, _) = store.list::<IPAMHandle>().await.unwrap();
+    assert_eq!(
+        items.len(),
+        MAX_COMMIT_WRITES,
+        "a refused commit writes nothing"
     );
 }

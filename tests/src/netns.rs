@@ -177,3 +177,33 @@ impl Drop for Fabric {
         }
     }
 }
+
+/// A child process (a daemon a test started inside a namespace) that is killed by its PID and
+/// reaped when dropped, also when the test fails.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it holds, for at most `limit`; panics naming `what` otherwise.
+/// Returns how long it took.
+pub fn wait_for(
+    what: &str,
+    limit: std::time::Duration,
+    mut f: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    start.elapsed()
+}

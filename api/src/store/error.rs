@@ -85,6 +85,24 @@ impl StoreError {
         )
     }
 
+    /// The object an error is about, for errors that name one. After a failed commit this is
+    /// the write whose condition failed: re-read that object, not the others.
+    pub fn object(&self) -> Option<(Kind, &str)> {
+        match self {
+            StoreError::NotFound { kind, name }
+            | StoreError::Conflict { kind, name, .. }
+            | StoreError::AlreadyExists { kind, name, .. }
+            | StoreError::Invalid { kind, name, .. }
+            | StoreError::Decode { kind, name, .. } => Some((*kind, name)),
+            _ => None,
+        }
+    }
+
+    /// True when the error is about the object `kind`/`name`.
+    pub fn is_about(&self, kind: Kind, name: &str) -> bool {
+        self.object() == Some((kind, name))
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }

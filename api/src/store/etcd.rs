@@ -18,6 +18,13 @@
 //! being overwritten. When a compare fails, the transaction's else-branch reads the key back in
 //! the same round trip to tell `NotFound` from `Conflict { actual }`.
 //!
+//! A [`Backend::commit`] is one transaction too: the compares of all its writes, all their puts
+//! and deletes in the then-branch, and a read of every key in the else-branch, from which the
+//! first write whose condition failed is named. etcd gives every key written by one
+//! transaction the same `mod_revision`. Updates of kinds with a status (which the update must
+//! keep) read those objects first, as `update` does, and the transaction is conditional on the
+//! revisions read.
+//!
 //! # Watches
 //!
 //! An etcd watch on the kind's key prefix from `after + 1`, with the previous value of deleted
@@ -27,8 +34,8 @@
 //! [`StoreError::Unavailable`]. A compacted start revision ends it with [`StoreError::TooOld`].
 
 use super::{
-    merge_status, merge_update, normalise_for_storage, stamp, Backend, Kind, RawEvent, RawList,
-    RawObject, RawWatch, Revision, StoreError,
+    check_commit, merge_status, merge_update, normalise_for_storage, stamp, Backend, Kind,
+    RawEvent, RawList, RawObject, RawWatch, RawWrite, Revision, StoreError,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
@@ -484,6 +491,145 @@ impl EtcdBackend {
     }
 }
 
+impl EtcdBackend {
+    /// One transaction for all of `writes`; see the module documentation.
+    async fn commit_txn(
+        &self,
+        writes: Vec<RawWrite>,
+    ) -> Result<Vec<Option<RawObject>>, StoreError> {
+        check_commit(BACKEND, &writes)?;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut compares = Vec::with_capacity(writes.len() * 2);
+        let mut then = Vec::with_capacity(writes.len());
+        let mut reads = Vec::with_capacity(writes.len());
+        // What each write leaves: the value written (`None` for a delete).
+        let mut written: Vec<Option<Value>> = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let (kind, name) = (w.kind(), w.name());
+            self.check_name(kind, name)?;
+            let key = self.key(kind, name);
+            reads.push(TxnOp::get(key.clone(), None));
+            match w {
+                RawWrite::Create { value, .. } => {
+                    let mut value = value.clone();
+                    normalise_for_storage(kind, name, &mut value);
+                    // A create never carries a status (see `create`).
+                    if let Value::Object(map) = &mut value {
+                        map.remove("status");
+                    }
+                    compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                    then.push(TxnOp::put(key, Self::encode(kind, name, &value)?, None));
+                    written.push(Some(value));
+                }
+                RawWrite::Update {
+                    value, expected, ..
+                } => {
+                    let mut value = if kind.has_status() {
+                        // Keep the stored status: merge into what is stored at `expected`.
+                        let stored = self.read(kind, name).await?.ok_or(StoreError::NotFound {
+                            kind,
+                            name: name.to_owned(),
+                        })?;
+                        if stored.revision != *expected {
+                            return Err(StoreError::Conflict {
+                                kind,
+                                name: name.to_owned(),
+                                expected: *expected,
+                                actual: Some(stored.revision),
+                            });
+                        }
+                        merge_update(&stored.value, value)
+                    } else {
+                        value.clone()
+                    };
+                    normalise_for_storage(kind, name, &mut value);
+                    compares.extend(guard(&key, *expected)?);
+                    then.push(TxnOp::put(key, Self::encode(kind, name, &value)?, None));
+                    written.push(Some(value));
+                }
+                RawWrite::Delete { expected, .. } => {
+                    compares.extend(guard(&key, *expected)?);
+                    then.push(TxnOp::delete(key, None));
+                    written.push(None);
+                }
+            }
+        }
+        let txn = Txn::new().when(compares).and_then(then).or_else(reads);
+        let resp = self.txn("commit", txn).await?;
+        if !resp.succeeded() {
+            return Err(Self::commit_failed(&writes, &resp));
+        }
+        let revision = header_revision(resp.header());
+        Ok(writes
+            .iter()
+            .zip(written)
+            .map(|(w, value)| {
+                value.map(|mut value| {
+                    stamp(&mut value, w.name(), revision);
+                    RawObject {
+                        name: w.name().to_owned(),
+                        revision,
+                        value,
+                    }
+                })
+            })
+            .collect())
+    }
+
+    /// Names the first write of a failed commit whose condition does not hold, from the
+    /// else-branch's reads (one per write, in order, at the revision the compares saw).
+    fn commit_failed(writes: &[RawWrite], resp: &TxnResponse) -> StoreError {
+        let stored: Vec<Option<Revision>> = resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision() as Revision),
+                _ => None,
+            })
+            .collect();
+        for (w, actual) in writes.iter().zip(stored.iter().copied()) {
+            let (kind, name) = (w.kind(), w.name().to_owned());
+            match (w, actual) {
+                (RawWrite::Create { .. }, Some(revision)) => {
+                    return StoreError::AlreadyExists {
+                        kind,
+                        name,
+                        revision: Some(revision),
+                    }
+                }
+                (RawWrite::Update { .. } | RawWrite::Delete { .. }, None) => {
+                    return StoreError::NotFound { kind, name }
+                }
+                (
+                    RawWrite::Update { expected, .. } | RawWrite::Delete { expected, .. },
+                    Some(actual),
+                ) if actual != *expected => {
+                    return StoreError::Conflict {
+                        kind,
+                        name,
+                        expected: *expected,
+                        actual: Some(actual),
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The reads run in the same transaction as the compares, so one of them shows the
+        // failed condition; this is reached only if etcd answered something else.
+        StoreError::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "etcd refused a commit of {} writes but its read-back ({} results) shows no failed condition",
+                writes.len(),
+                stored.len()
+            ),
+            source: None,
+        }
+    }
+}
+
 /// The compare of a conditional write: the key exists and was last written at `expected`.
 fn guard(key: &str, expected: Revision) -> Result<Vec<Compare>, StoreError> {
     Ok(vec![
@@ -726,6 +872,14 @@ impl Backend for EtcdBackend {
         Ok(())
     }
 
+    async fn commit(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError> {
+        self.commit_txn(writes).await
+    }
+
+    fn atomic_commit(&self) -> bool {
+        true
+    }
+
     async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError> {
         to_i64(after.saturating_add(1))?;
         let state = WatchState {
@@ -881,10 +1035,14 @@ impl WatchState {
             }
             return;
         }
+        // etcd sends all events of one revision (one transaction, e.g. a commit writing several
+        // objects of this kind) in one response, so repeats after a re-established watch are
+        // whole revisions at or below where this response starts.
+        let floor = self.last;
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             let revision = kv.mod_revision() as Revision;
-            if revision <= self.last {
+            if revision <= floor {
                 // Already delivered before a re-established watch.
                 continue;
             }

@@ -17,6 +17,15 @@
 //! stored (or becomes `NotFound` if the object is gone). Connection failures, timeouts, 429 and
 //! 5xx answers are `Unavailable`; 401/403/400/422 and a missing CRD are `Rejected`.
 //!
+//! # Commits
+//!
+//! The API server has no transaction over several objects, so [`Backend::commit`] is the
+//! writes one after another, each its own request with its own precondition, stopping at the
+//! first that fails; [`Backend::atomic_commit`] is `false`. A failure (or a crash of the caller)
+//! in the middle leaves the writes before it in place. Callers that need more order the writes
+//! so that every prefix is a state they can recover from (the allocator does: the handle before
+//! the block on assign, the block before the handle on release; see `docs/ipam.md`).
+//!
 //! # Revisions
 //!
 //! `resourceVersion` is the revision. Margay assumes an etcd-backed API server, whose
@@ -38,8 +47,8 @@
 //! with `Unavailable`.
 
 use super::{
-    normalise_for_storage, Backend, Kind, RawEvent, RawList, RawObject, RawWatch, Revision,
-    StoreError,
+    commit_in_order, normalise_for_storage, Backend, Kind, RawEvent, RawList, RawObject, RawWatch,
+    RawWrite, Revision, StoreError,
 };
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt};
@@ -882,6 +891,14 @@ impl Backend for KubeBackend {
         }
     }
 
+    async fn commit(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError> {
+        commit_in_order(self, writes).await
+    }
+
+    fn atomic_commit(&self) -> bool {
+        false
+    }
+
     async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError> {
         let mut pending = VecDeque::new();
         let mut from = after;
@@ -1156,6 +1173,62 @@ mod tests {
                 }
             ),
             "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn commit_is_the_writes_in_order_and_stops_at_the_first_failure() {
+        let (b, mut h) = backend();
+        assert!(
+            !b.atomic_commit(),
+            "the API server has no multi-object transaction"
+        );
+        let writes = vec![
+            RawWrite::Create {
+                kind: Kind::IPPool,
+                name: "p2".into(),
+                value: pool("p2", 0),
+            },
+            RawWrite::Update {
+                kind: Kind::IPPool,
+                name: "p1".into(),
+                value: pool("p1", 0),
+                expected: 12,
+            },
+            RawWrite::Delete {
+                kind: Kind::IPPool,
+                name: "p3".into(),
+                expected: 7,
+            },
+        ];
+        let op = tokio::spawn(async move { b.commit(writes).await });
+        let (req, send) = next(&mut h).await;
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(body_json(req).await["metadata"]["name"], "p2");
+        send.send_response(reply(201, pool("p2", 13)));
+        let (req, send) = next(&mut h).await;
+        assert_eq!(req.method(), Method::PUT);
+        assert_eq!(req.uri().path(), "/apis/margay.io/v1/ippools/p1");
+        assert_eq!(body_json(req).await["metadata"]["resourceVersion"], "12");
+        send.send_response(reply(
+            409,
+            status(409, "Conflict", "the object has been modified", "p1"),
+        ));
+        let (req, send) = next(&mut h).await;
+        assert_eq!(req.method(), Method::GET);
+        send.send_response(reply(200, pool("p1", 20)));
+        // The commit ends with the update's error, naming p1; the delete is never sent.
+        let err = op.await.unwrap().unwrap_err();
+        assert!(
+            err.is_conflict() && err.is_about(Kind::IPPool, "p1"),
+            "{err:?}"
+        );
+        assert!(
+            !matches!(
+                tokio::time::timeout(Duration::from_millis(200), h.next_request()).await,
+                Ok(Some(_))
+            ),
+            "no request after the failed write"
         );
     }
 

@@ -3,8 +3,8 @@
 //! that the "too old" path is testable.
 
 use super::{
-    merge_status, merge_update, stamp, Backend, Kind, RawEvent, RawList, RawObject, RawWatch,
-    Revision, StoreError,
+    check_commit, merge_status, merge_update, stamp, Backend, Kind, RawEvent, RawList, RawObject,
+    RawWatch, RawWrite, Revision, StoreError,
 };
 use futures::stream::{self, StreamExt};
 use serde_json::Value;
@@ -104,13 +104,21 @@ impl MemoryBackend {
         self.inner.changed.send_replace(self.revision());
     }
 
-    fn commit(&self, mut state: MutexGuard<'_, State>, kind: Kind, event: RawEvent) {
-        let rev = event.revision();
-        state.history.push((kind, event));
-        // Bound memory in long property runs: keep the newest half of a long history.
+    /// Appends the events of one write (one revision) to the history and wakes watchers.
+    fn record(&self, mut state: MutexGuard<'_, State>, events: Vec<(Kind, RawEvent)>) {
+        let Some(rev) = events.last().map(|(_, ev)| ev.revision()) else {
+            return;
+        };
+        state.history.extend(events);
+        // Bound memory in long property runs: keep the newest half of a long history, cut at
+        // a revision boundary so that a commit's events are kept or dropped together.
         if state.history.len() > HISTORY_LIMIT {
-            let cut = state.history.len() / 2;
-            state.compacted = state.history[cut - 1].1.revision();
+            let mut cut = state.history.len() / 2;
+            let at = state.history[cut - 1].1.revision();
+            while cut < state.history.len() && state.history[cut].1.revision() == at {
+                cut += 1;
+            }
+            state.compacted = at;
             state.history.drain(..cut);
         }
         drop(state);
@@ -138,17 +146,36 @@ impl MemoryBackend {
         }
     }
 
-    fn put(
-        &self,
-        mut state: MutexGuard<'_, State>,
-        kind: Kind,
-        name: &str,
-        value: Value,
-        added: bool,
-    ) -> RawObject {
-        state.revision += 1;
+    /// The condition of one write against the current state; for an update or a delete, the
+    /// stored value it applies to.
+    fn check_write(state: &State, write: &RawWrite) -> Result<Option<Value>, StoreError> {
+        match write {
+            RawWrite::Create { kind, name, .. } => {
+                match state.objects.get(&(*kind, name.clone())) {
+                    Some(s) => Err(StoreError::AlreadyExists {
+                        kind: *kind,
+                        name: name.clone(),
+                        revision: Some(s.revision),
+                    }),
+                    None => Ok(None),
+                }
+            }
+            RawWrite::Update {
+                kind,
+                name,
+                expected,
+                ..
+            }
+            | RawWrite::Delete {
+                kind,
+                name,
+                expected,
+            } => Self::check_revision(state, *kind, name, *expected).map(Some),
+        }
+    }
+
+    fn store(state: &mut State, kind: Kind, name: &str, mut value: Value) -> RawObject {
         let revision = state.revision;
-        let mut value = value;
         stamp(&mut value, name, revision);
         state.objects.insert(
             (kind, name.to_owned()),
@@ -157,18 +184,74 @@ impl MemoryBackend {
                 revision,
             },
         );
-        let obj = RawObject {
+        RawObject {
             name: name.to_owned(),
             revision,
             value,
-        };
-        let ev = if added {
-            RawEvent::Added(obj.clone())
-        } else {
-            RawEvent::Modified(obj.clone())
-        };
-        self.commit(state, kind, ev);
-        obj
+        }
+    }
+
+    /// Every write of a commit under one lock: all conditions are checked before anything is
+    /// written, and all writes get the same revision.
+    fn apply(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError> {
+        check_commit("memory", &writes)?;
+        let mut state = self.lock()?;
+        let stored = writes
+            .iter()
+            .map(|w| Self::check_write(&state, w))
+            .collect::<Result<Vec<_>, _>>()?;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        state.revision += 1;
+        let revision = state.revision;
+        let mut out = Vec::with_capacity(writes.len());
+        let mut events = Vec::with_capacity(writes.len());
+        for (write, stored) in writes.into_iter().zip(stored) {
+            match write {
+                RawWrite::Create {
+                    kind,
+                    name,
+                    mut value,
+                } => {
+                    // Status is written only through update_status, as with the Kubernetes
+                    // backend, whose status subresource drops it from a create.
+                    if let Value::Object(map) = &mut value {
+                        map.remove("status");
+                    }
+                    let obj = Self::store(&mut state, kind, &name, value);
+                    events.push((kind, RawEvent::Added(obj.clone())));
+                    out.push(Some(obj));
+                }
+                RawWrite::Update {
+                    kind, name, value, ..
+                } => {
+                    let merged = merge_update(&stored.unwrap_or_default(), &value);
+                    let obj = Self::store(&mut state, kind, &name, merged);
+                    events.push((kind, RawEvent::Modified(obj.clone())));
+                    out.push(Some(obj));
+                }
+                RawWrite::Delete { kind, name, .. } => {
+                    state.objects.remove(&(kind, name.clone()));
+                    events.push((
+                        kind,
+                        RawEvent::Deleted {
+                            name,
+                            revision,
+                            last: stored,
+                        },
+                    ));
+                    out.push(None);
+                }
+            }
+        }
+        self.record(state, events);
+        Ok(out)
+    }
+
+    /// [`apply`](Self::apply) of a single write.
+    fn apply_one(&self, write: RawWrite) -> Result<Option<RawObject>, StoreError> {
+        Ok(self.apply(vec![write])?.pop().flatten())
     }
 }
 
@@ -211,26 +294,10 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn create(
-        &self,
-        kind: Kind,
-        name: &str,
-        mut value: Value,
-    ) -> Result<RawObject, StoreError> {
-        // Status is written only through update_status, as with the Kubernetes backend, whose
-        // status subresource drops it from a create.
-        if let Value::Object(map) = &mut value {
-            map.remove("status");
-        }
-        let state = self.lock()?;
-        if let Some(s) = state.objects.get(&(kind, name.to_owned())) {
-            return Err(StoreError::AlreadyExists {
-                kind,
-                name: name.to_owned(),
-                revision: Some(s.revision),
-            });
-        }
-        Ok(self.put(state, kind, name, value, true))
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> Result<RawObject, StoreError> {
+        let name = name.to_owned();
+        let obj = self.apply_one(RawWrite::Create { kind, name, value })?;
+        Ok(obj.expect("a create returns the object"))
     }
 
     async fn update(
@@ -240,10 +307,14 @@ impl Backend for MemoryBackend {
         value: Value,
         expected: Revision,
     ) -> Result<RawObject, StoreError> {
-        let state = self.lock()?;
-        let stored = Self::check_revision(&state, kind, name, expected)?;
-        let merged = merge_update(&stored, &value);
-        Ok(self.put(state, kind, name, merged, false))
+        let name = name.to_owned();
+        let obj = self.apply_one(RawWrite::Update {
+            kind,
+            name,
+            value,
+            expected,
+        })?;
+        Ok(obj.expect("an update returns the object"))
     }
 
     async fn update_status(
@@ -259,28 +330,31 @@ impl Backend for MemoryBackend {
                 message: format!("{kind} has no status"),
             });
         }
-        let state = self.lock()?;
+        let mut state = self.lock()?;
         let stored = Self::check_revision(&state, kind, name, expected)?;
         let merged = merge_status(&stored, &value);
-        Ok(self.put(state, kind, name, merged, false))
+        state.revision += 1;
+        let obj = Self::store(&mut state, kind, name, merged);
+        self.record(state, vec![(kind, RawEvent::Modified(obj.clone()))]);
+        Ok(obj)
     }
 
     async fn delete(&self, kind: Kind, name: &str, expected: Revision) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
-        let last = Self::check_revision(&state, kind, name, expected)?;
-        state.objects.remove(&(kind, name.to_owned()));
-        state.revision += 1;
-        let revision = state.revision;
-        self.commit(
-            state,
+        let name = name.to_owned();
+        self.apply_one(RawWrite::Delete {
             kind,
-            RawEvent::Deleted {
-                name: name.to_owned(),
-                revision,
-                last: Some(last),
-            },
-        );
+            name,
+            expected,
+        })?;
         Ok(())
+    }
+
+    async fn commit(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError> {
+        self.apply(writes)
+    }
+
+    fn atomic_commit(&self) -> bool {
+        true
     }
 
     async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError> {

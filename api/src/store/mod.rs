@@ -12,6 +12,11 @@
 //! revision the caller read. Watches deliver every change *after* a revision, in revision order,
 //! so a watcher that restarts from the last revision it saw misses nothing.
 //!
+//! Several conditional writes can be made one [`Backend::commit`]. Where the backend can
+//! ([`Backend::atomic_commit`]: memory and etcd) it is all or nothing, at one revision; the
+//! Kubernetes API server has no multi-object transaction, so there it is the writes in order,
+//! stopping at the first that fails, and callers order them so that every prefix is safe.
+//!
 //! The semantics every backend must meet are pinned by the contract suite in
 //! `margay-testkit::contract`, which runs unchanged against each of them.
 
@@ -25,7 +30,7 @@ mod typed;
 
 pub use config::DatastoreConfig;
 pub use error::StoreError;
-pub use typed::{Store, WatchEvent};
+pub use typed::{Commit, Committed, Store, WatchEvent};
 
 use futures::stream::BoxStream;
 use serde_json::Value;
@@ -171,6 +176,115 @@ impl RawEvent {
     }
 }
 
+/// One conditional write of a [`Backend::commit`], with the same conditions as the single
+/// operation of the same name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawWrite {
+    /// Create if absent; a `status` in the value is dropped.
+    Create {
+        kind: Kind,
+        name: String,
+        value: Value,
+    },
+    /// Replace metadata and spec (keeping the stored status) if the object is at `expected`.
+    Update {
+        kind: Kind,
+        name: String,
+        value: Value,
+        expected: Revision,
+    },
+    /// Remove the object if it is at `expected`.
+    Delete {
+        kind: Kind,
+        name: String,
+        expected: Revision,
+    },
+}
+
+impl RawWrite {
+    pub fn kind(&self) -> Kind {
+        match self {
+            RawWrite::Create { kind, .. }
+            | RawWrite::Update { kind, .. }
+            | RawWrite::Delete { kind, .. } => *kind,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            RawWrite::Create { name, .. }
+            | RawWrite::Update { name, .. }
+            | RawWrite::Delete { name, .. } => name,
+        }
+    }
+}
+
+/// The most writes one [`Backend::commit`] may carry. etcd refuses a transaction with more than
+/// 128 compares or 128 operations per branch (its default `--max-txn-ops`); a commit costs up to
+/// two compares per write, so 64 writes is what fits on every etcd with default settings.
+pub const MAX_COMMIT_WRITES: usize = 64;
+
+/// Checks what every backend refuses in a commit before touching the store: too many writes,
+/// and one object written twice (etcd refuses a transaction that puts one key twice, and the
+/// outcome would depend on the order anyway).
+pub fn check_commit(backend: &'static str, writes: &[RawWrite]) -> Result<(), StoreError> {
+    if writes.len() > MAX_COMMIT_WRITES {
+        return Err(StoreError::Rejected {
+            backend,
+            message: format!(
+                "a commit of {} writes is more than the {MAX_COMMIT_WRITES} one commit may carry; split it",
+                writes.len()
+            ),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for w in writes {
+        if !seen.insert((w.kind(), w.name())) {
+            return Err(StoreError::Rejected {
+                backend,
+                message: format!(
+                    "a commit writes {} {:?} twice; write each object at most once per commit",
+                    w.kind(),
+                    w.name()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `commit` for a backend without multi-object transactions: the writes one after another,
+/// stopping at the first that fails (whose error is returned; the writes before it stay).
+pub async fn commit_in_order<B: Backend + ?Sized>(
+    backend: &B,
+    writes: Vec<RawWrite>,
+) -> Result<Vec<Option<RawObject>>, StoreError> {
+    check_commit(backend.name(), &writes)?;
+    let mut out = Vec::with_capacity(writes.len());
+    for w in writes {
+        out.push(match w {
+            RawWrite::Create { kind, name, value } => {
+                Some(backend.create(kind, &name, value).await?)
+            }
+            RawWrite::Update {
+                kind,
+                name,
+                value,
+                expected,
+            } => Some(backend.update(kind, &name, value, expected).await?),
+            RawWrite::Delete {
+                kind,
+                name,
+                expected,
+            } => {
+                backend.delete(kind, &name, expected).await?;
+                None
+            }
+        });
+    }
+    Ok(out)
+}
+
 /// A stream of changes. It ends with `Err(StoreError::TooOld{..})` when the requested revision
 /// has been compacted away, and with `Err(StoreError::Unavailable{..})` when the backend is lost
 /// for good; callers then relist (or retry after back-off) and watch again.
@@ -187,7 +301,14 @@ pub type RawWatch = BoxStream<'static, Result<RawEvent, StoreError>>;
 /// - `update_status`: replaces only `status`, same conditions; only for kinds with
 ///   [`Kind::has_status`].
 /// - `delete`: removes the object only if its revision equals `expected`.
-/// - `watch`: every change with a revision strictly greater than `after`, in order.
+/// - `commit`: several of the writes above (at most [`MAX_COMMIT_WRITES`], each object at most
+///   once). With [`atomic_commit`](Backend::atomic_commit) all of them happen, at one revision,
+///   or none; the error of a failed condition names the object (`Conflict`, `NotFound`,
+///   `AlreadyExists`), the first such in the commit's order. Without it, they happen in order
+///   up to the first that fails.
+/// - `watch`: every change with a revision strictly greater than `after`, in order. The changes
+///   of one atomic commit share a revision and arrive together: a stream never ends between
+///   two of them.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + fmt::Debug {
     /// A short name for logs and errors: `memory`, `etcd`, `kubernetes`.
@@ -210,6 +331,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         expected: Revision,
     ) -> Result<RawObject, StoreError>;
     async fn delete(&self, kind: Kind, name: &str, expected: Revision) -> Result<(), StoreError>;
+    /// Applies `writes`; one entry per write in the result, in order: the object as written for
+    /// a create or an update, `None` for a delete.
+    async fn commit(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError>;
+    /// Whether [`commit`](Backend::commit) is all or nothing, at one revision.
+    fn atomic_commit(&self) -> bool;
     async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError>;
 }
 

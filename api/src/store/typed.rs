@@ -1,4 +1,4 @@
-use super::{Backend, Kind, RawEvent, RawObject, Revision, StoreError};
+use super::{Backend, Kind, RawEvent, RawObject, RawWrite, Revision, StoreError};
 use crate::resources::MargayResource;
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::Value;
@@ -97,6 +97,121 @@ fn validated<R: MargayResource>(obj: &R, name: &str) -> Result<(), StoreError> {
     })
 }
 
+/// Several conditional writes to make as one [`Store::commit`]:
+/// `Commit::new().create(&handle).update(&block)`.
+///
+/// Each object is validated as [`Store::create`] and [`Store::update`] validate it; the first
+/// problem is kept and returned by `Store::commit`, before anything is written.
+#[derive(Debug, Default)]
+pub struct Commit {
+    writes: Vec<RawWrite>,
+    error: Option<StoreError>,
+}
+
+impl Commit {
+    pub fn new() -> Commit {
+        Commit::default()
+    }
+
+    /// Creates `obj` if no object of its name exists.
+    pub fn create<R: MargayResource>(mut self, obj: &R) -> Commit {
+        let write = (|| {
+            let name = name_of(obj)?;
+            validated(obj, &name)?;
+            let value = encode(obj, &name)?;
+            Ok(RawWrite::Create {
+                kind: R::KIND,
+                name,
+                value,
+            })
+        })();
+        self.push(write);
+        self
+    }
+
+    /// Replaces `obj`'s metadata and spec if it is still at the revision it was read at.
+    pub fn update<R: MargayResource>(mut self, obj: &R) -> Commit {
+        let write = (|| {
+            let name = name_of(obj)?;
+            validated(obj, &name)?;
+            let expected = expected_revision(obj, &name)?;
+            let value = encode(obj, &name)?;
+            Ok(RawWrite::Update {
+                kind: R::KIND,
+                name,
+                value,
+                expected,
+            })
+        })();
+        self.push(write);
+        self
+    }
+
+    /// Deletes `obj` if it is still at the revision it was read at.
+    pub fn delete<R: MargayResource>(mut self, obj: &R) -> Commit {
+        let write = (|| {
+            let name = name_of(obj)?;
+            let expected = expected_revision(obj, &name)?;
+            Ok(RawWrite::Delete {
+                kind: R::KIND,
+                name,
+                expected,
+            })
+        })();
+        self.push(write);
+        self
+    }
+
+    fn push(&mut self, write: Result<RawWrite, StoreError>) {
+        match write {
+            Ok(w) => self.writes.push(w),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// The number of writes.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// What a [`Store::commit`] wrote: each created or updated object as stored, by kind and name.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    written: Vec<(Kind, String, Option<RawObject>)>,
+}
+
+impl Committed {
+    /// The object `name` of kind `R` as this commit wrote it. `NotFound` if the commit did not
+    /// create or update it (it deleted it, or did not touch it).
+    pub fn get<R: MargayResource>(&self, name: &str) -> Result<R, StoreError> {
+        self.written
+            .iter()
+            .find(|(k, n, _)| *k == R::KIND && n == name)
+            .and_then(|(_, _, o)| o.clone())
+            .ok_or_else(|| StoreError::NotFound {
+                kind: R::KIND,
+                name: name.to_owned(),
+            })
+            .and_then(decode)
+    }
+
+    /// The revision of each write, in the commit's order (`None` for deletes). An atomic
+    /// commit writes everything at one revision.
+    pub fn revisions(&self) -> Vec<Option<Revision>> {
+        self.written
+            .iter()
+            .map(|(_, _, o)| o.as_ref().map(|o| o.revision))
+            .collect()
+    }
+}
+
 impl Store {
     pub fn new(backend: Arc<dyn Backend>) -> Store {
         Store { backend }
@@ -179,6 +294,34 @@ impl Store {
         expected: Revision,
     ) -> Result<(), StoreError> {
         self.backend.delete(R::KIND, name, expected).await
+    }
+
+    /// Makes the writes of `commit`: all or nothing at one revision where the backend
+    /// [commits atomically](Self::atomic_commit), else in order up to the first that fails.
+    /// A failed condition's error (`Conflict`, `NotFound`, `AlreadyExists`) names its object.
+    pub async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
+        if let Some(e) = commit.error {
+            return Err(e);
+        }
+        let keys: Vec<(Kind, String)> = commit
+            .writes
+            .iter()
+            .map(|w| (w.kind(), w.name().to_owned()))
+            .collect();
+        let objects = self.backend.commit(commit.writes).await?;
+        Ok(Committed {
+            written: keys
+                .into_iter()
+                .zip(objects)
+                .map(|((k, n), o)| (k, n, o))
+                .collect(),
+        })
+    }
+
+    /// Whether [`commit`](Self::commit) is all or nothing (memory, etcd) or the writes in
+    /// order (Kubernetes).
+    pub fn atomic_commit(&self) -> bool {
+        self.backend.atomic_commit()
     }
 
     /// Every change to objects of kind `R` after revision `after`, in order.

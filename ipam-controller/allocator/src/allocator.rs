@@ -1,14 +1,19 @@
 //! The allocator: assigns and releases addresses for one node over any datastore backend.
 //!
-//! Write order (each step one compare-and-swap; `docs/ipam.md` lists what a crash between any
-//! two leaves and who cleans it up):
+//! Write order (`docs/ipam.md` lists what a crash between any two writes leaves and who cleans
+//! it up). Where the store commits atomically ([`Store::atomic_commit`]: memory, etcd), the
+//! writes of one step below are one commit; otherwise (Kubernetes) they are made in the order
+//! given, each one compare-and-swap, and the order is what keeps every crash state safe:
 //!
-//! - assign in an affine block with room: (1) handle create/update with the block's count,
-//!   (2) block update with the allocation. The handle is written first so that every allocation
+//! - assign in a block with room: (1) handle create/update with the block's count,
+//!   (2) block update with the allocation. The handle comes first so that every allocation
 //!   always has a handle naming its block, and release-by-handle can find it.
 //! - claim a block: (1) BlockAffinity `Pending`, (2) IPAMBlock create with the affinity,
-//!   (3) BlockAffinity `Confirmed`. The block create arbitrates between competing nodes.
-//! - release: (1) block update freeing the ordinals, (2) handle decrement (delete at zero).
+//!   (3) BlockAffinity `Confirmed`. The block create arbitrates between competing nodes. One
+//!   commit makes it a create of the `Confirmed` affinity with the block; an affinity left by an
+//!   interrupted claim is finished by the ordered steps.
+//! - release by address: (1) block update freeing the ordinals, (2) handle decrement (delete at
+//!   zero). Release by handle: (1) every block of the handle, (2) handle delete.
 
 use crate::block::{self, Exclusions, Released, SpecificRefusal};
 use crate::clock::{self, Clock};
@@ -16,10 +21,11 @@ use crate::error::{Family, IpamError, Result};
 use crate::pool::{self, AddressUse, PoolView};
 use ipnet::IpNet;
 use margay_api::names;
+use margay_api::store::MAX_COMMIT_WRITES;
 use margay_api::{
-    AffinityState, AllocationAttribute, BlockAffinity, BlockAffinitySpec, IPAMBlock, IPAMConfig,
-    IPAMConfigSpec, IPAMHandle, IPAMHandleSpec, IPPool, IPReservation, Node, Store,
-    IPAM_CONFIG_NAME,
+    AffinityState, AllocationAttribute, BlockAffinity, BlockAffinitySpec, Commit, IPAMBlock,
+    IPAMBlockSpec, IPAMConfig, IPAMConfigSpec, IPAMHandle, IPAMHandleSpec, IPPool, IPReservation,
+    Kind, Node, Store, IPAM_CONFIG_NAME,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -406,7 +412,10 @@ impl Allocator {
     // ===== claiming blocks =====
 
     /// Claims the unowned block `cidr` for this node: affinity pending, block created with the
-    /// affinity, affinity confirmed. `None` if another node won it.
+    /// affinity, affinity confirmed. `None` if another node won it. With atomic commits, the
+    /// confirmed affinity and the block are one commit, unless an affinity of this node for the
+    /// block exists already (an interrupted or concurrent claim), which the ordered steps
+    /// finish.
     async fn claim(
         &self,
         cidr: &IpNet,
@@ -415,6 +424,48 @@ impl Allocator {
     ) -> Result<Option<IPAMBlock>> {
         let store = &self.inner.store;
         let node = &self.inner.node;
+        if store.atomic_commit() {
+            let name = names::block_name(cidr);
+            let commit = Commit::new()
+                .create(&self.affinity(cidr, AffinityState::Confirmed))
+                .create(&IPAMBlock::new(&name, self.new_block(cidr, pool, policy)));
+            match store.commit(commit).await {
+                Ok(done) => {
+                    info!(node = %node, block = %cidr, pool = %pool.name, "claimed block");
+                    return done
+                        .get::<IPAMBlock>(&name)
+                        .map(Some)
+                        .map_err(IpamError::store(format!("claim block {cidr}")));
+                }
+                // Nothing was written: the affinity did not exist (it comes first in the
+                // commit), the block did.
+                Err(e) if e.is_already_exists() && e.is_about(Kind::IPAMBlock, &name) => {
+                    let b = store
+                        .try_get::<IPAMBlock>(&name)
+                        .await
+                        .map_err(IpamError::store(format!("read block {cidr}")))?;
+                    return match b {
+                        Some(b)
+                            if b.spec.affine_node() == Some(node.as_str()) && !b.spec.deleted =>
+                        {
+                            self.confirm_affinity(cidr).await?;
+                            Ok(Some(b))
+                        }
+                        _ => {
+                            debug!(node = %node, block = %cidr, "another node claimed the block first");
+                            Ok(None)
+                        }
+                    };
+                }
+                Err(e) if e.is_already_exists() => {}
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("claim block {cidr}"),
+                        source: e,
+                    })
+                }
+            }
+        }
         // (1) Pending affinity. It exists already if an earlier claim was interrupted.
         let pending = match store
             .create(&self.affinity(cidr, AffinityState::Pending))
@@ -439,14 +490,7 @@ impl Allocator {
             }
         };
         // (2) The block, carrying the affinity. Whoever creates it owns it.
-        let now = self.now();
-        let spec = block::new_block_spec(
-            cidr,
-            Some(node),
-            policy.config.strict_affinity || pool.strict_affinity,
-            Some(clock::rfc3339(now)),
-            self.inner.cfg.clock.now_micros(),
-        );
+        let spec = self.new_block(cidr, pool, policy);
         let blk = match store
             .create(&IPAMBlock::new(&names::block_name(cidr), spec))
             .await
@@ -477,6 +521,17 @@ impl Allocator {
         self.confirm_affinity(cidr).await?;
         info!(node = %node, block = %cidr, pool = %pool.name, "claimed block");
         Ok(Some(blk))
+    }
+
+    /// The spec of a block claimed now for this node.
+    fn new_block(&self, cidr: &IpNet, pool: &PoolView, policy: &Policy) -> IPAMBlockSpec {
+        block::new_block_spec(
+            cidr,
+            Some(&self.inner.node),
+            policy.config.strict_affinity || pool.strict_affinity,
+            Some(clock::rfc3339(self.now())),
+            self.inner.cfg.clock.now_micros(),
+        )
     }
 
     /// Takes over another node's empty block that is older than `reclaim_after` (or a block
@@ -618,19 +673,10 @@ impl Allocator {
                     );
                     store.create(&obj).await.map(Some)
                 }
-                Some(cur) => {
-                    let mut new = cur.clone();
-                    let c = new.spec.block.entry(key.to_owned()).or_insert(0);
-                    *c = (*c + delta).max(0);
-                    if *c == 0 {
-                        new.spec.block.remove(key);
-                    }
-                    if new.spec.block.is_empty() {
-                        store.delete(&cur).await.map(|()| None)
-                    } else {
-                        store.update(&new).await.map(Some)
-                    }
-                }
+                Some(cur) => match adjusted(&cur, key, delta) {
+                    None => store.delete(&cur).await.map(|()| None),
+                    Some(new) => store.update(&new).await.map(Some),
+                },
             };
             match res {
                 Ok(o) => {
@@ -660,7 +706,101 @@ impl Allocator {
         })
     }
 
-    /// Allocates up to `n` addresses in the block `cidr` (handle first, then the block).
+    /// Writes `new`, a block change adding `count` allocations of the handle in `cidr`, together
+    /// with the handle's count for the block. Where the store commits atomically (memory, etcd)
+    /// both are one commit; a conflict on the handle re-reads only the handle and commits the
+    /// same block change again. Elsewhere (Kubernetes) the handle is written first, then the
+    /// block, so that an allocation always has a handle naming its block.
+    ///
+    /// `Ok(None)`: the block changed or vanished since it was read; read it again and re-plan.
+    async fn write_allocation(
+        &self,
+        h: &mut HandleTx,
+        cidr: &IpNet,
+        new: &IPAMBlock,
+        count: i64,
+        what: impl Fn() -> String,
+    ) -> Result<Option<IPAMBlock>> {
+        let store = &self.inner.store;
+        if !store.atomic_commit() {
+            self.ensure_handle(h, cidr, count).await?;
+            return match store.update(new).await {
+                Ok(written) => {
+                    h.pending.remove(&cidr.to_string());
+                    Ok(Some(written))
+                }
+                Err(e) if e.is_conflict() || e.is_not_found() => Ok(None),
+                // The write may or may not have happened. The handle already counts it, so a
+                // release by handle frees it either way; keep the handle as it is.
+                Err(e) => {
+                    h.pending.remove(&cidr.to_string());
+                    Err(IpamError::Store {
+                        what: what(),
+                        source: e,
+                    })
+                }
+            };
+        }
+        let key = cidr.to_string();
+        let block_name = names::block_name(cidr);
+        for attempt in 0..self.max_attempts() {
+            let commit = match &h.obj {
+                None => Commit::new().create(&IPAMHandle::new(
+                    &h.name,
+                    IPAMHandleSpec {
+                        handle_id: h.id.clone(),
+                        block: BTreeMap::from([(key.clone(), count)]),
+                        deleted: false,
+                    },
+                )),
+                Some(cur) => {
+                    let mut next = cur.clone();
+                    *next.spec.block.entry(key.clone()).or_insert(0) += count;
+                    Commit::new().update(&next)
+                }
+            }
+            .update(new);
+            match store.commit(commit).await {
+                Ok(done) => {
+                    h.obj = Some(
+                        done.get::<IPAMHandle>(&h.name)
+                            .map_err(IpamError::store(what()))?,
+                    );
+                    let written = done
+                        .get::<IPAMBlock>(&block_name)
+                        .map_err(IpamError::store(what()))?;
+                    return Ok(Some(written));
+                }
+                Err(e)
+                    if e.is_about(Kind::IPAMHandle, &h.name)
+                        && (e.is_conflict() || e.is_already_exists() || e.is_not_found()) =>
+                {
+                    h.obj = store
+                        .try_get::<IPAMHandle>(&h.name)
+                        .await
+                        .map_err(IpamError::store(format!("read handle {}", h.id)))?;
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                }
+                Err(e) if e.is_conflict() || e.is_not_found() => return Ok(None),
+                // Both writes happened or neither did. If they did, the handle counts the
+                // allocation and a release by handle frees it.
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: what(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("{}: update handle {}", what(), h.id),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    /// Allocates up to `n` addresses in the block `cidr` (see [`Self::write_allocation`]).
     /// Returns fewer (or none) when the block has no more room.
     #[allow(clippy::too_many_arguments)]
     async fn alloc_in_block(
@@ -735,10 +875,12 @@ impl Allocator {
                 self.ensure_handle(h, cidr, 0).await?;
                 return Ok(Vec::new());
             }
-            self.ensure_handle(h, cidr, got.len() as i64).await?;
-            match store.update(&new).await {
-                Ok(written) => {
-                    h.pending.remove(&cidr.to_string());
+            let what = || format!("allocate in block {cidr}");
+            match self
+                .write_allocation(h, cidr, &new, got.len() as i64, what)
+                .await?
+            {
+                Some(written) => {
                     if let Some(c) = cache.as_mut() {
                         c.insert(*cidr, written);
                     }
@@ -752,19 +894,10 @@ impl Allocator {
                         })
                         .collect());
                 }
-                Err(e) if e.is_conflict() || e.is_not_found() => {
+                None => {
                     if attempt > 0 {
                         backoff(attempt).await;
                     }
-                }
-                // The write may or may not have happened. The handle already counts it, so
-                // a release by handle frees it either way; keep the handle as it is.
-                Err(e) => {
-                    h.pending.remove(&cidr.to_string());
-                    return Err(IpamError::Store {
-                        what: format!("allocate in block {cidr}"),
-                        source: e,
-                    });
                 }
             }
         }
@@ -1195,10 +1328,12 @@ impl Allocator {
                 }
             };
             let base = h.pending.get(&cidr.to_string()).copied().unwrap_or(0);
-            self.ensure_handle(h, &cidr, base.max(1)).await?;
-            match store.update(&new).await {
-                Ok(written) => {
-                    h.pending.remove(&cidr.to_string());
+            let what = || format!("allocate {ip} in block {cidr}");
+            match self
+                .write_allocation(h, &cidr, &new, base.max(1), what)
+                .await?
+            {
+                Some(written) => {
                     if ours {
                         if let Some(c) = st.blocks.as_mut() {
                             c.insert(cidr, written);
@@ -1211,14 +1346,7 @@ impl Allocator {
                         seq,
                     });
                 }
-                Err(e) if e.is_conflict() || e.is_not_found() => backoff(attempt).await,
-                Err(e) => {
-                    h.pending.remove(&cidr.to_string());
-                    return Err(IpamError::Store {
-                        what: format!("allocate {ip} in block {cidr}"),
-                        source: e,
-                    });
-                }
+                None => backoff(attempt).await,
             }
         }
         Err(IpamError::Contention {
@@ -1275,18 +1403,30 @@ impl Allocator {
             }
         }
         let cooldown = u64::from(policy.config.ip_cooldown_seconds);
+        // Handle counts still to decrease after the block writes (the ordered path).
         let mut freed: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        // Handles read or written by this call, by object name (`None`: absent).
+        let mut handles: HashMap<String, Option<IPAMHandle>> = HashMap::new();
         for (cidr, idxs) in by_block {
             let name = names::block_name(&cidr);
+            let key = cidr.to_string();
             let mut done = false;
+            // The block as last read; kept when only a handle changed.
+            let mut cur: Option<IPAMBlock> = None;
             for attempt in 0..self.max_attempts() {
-                let Some(blk) = store
-                    .try_get::<IPAMBlock>(&name)
-                    .await
-                    .map_err(IpamError::store(format!("read block {cidr}")))?
-                else {
-                    done = true;
-                    break;
+                let blk = match cur.take() {
+                    Some(b) => b,
+                    None => match store
+                        .try_get::<IPAMBlock>(&name)
+                        .await
+                        .map_err(IpamError::store(format!("read block {cidr}")))?
+                    {
+                        Some(b) => b,
+                        None => {
+                            done = true;
+                            break;
+                        }
+                    },
                 };
                 let now = self.now();
                 let mut new = blk.clone();
@@ -1299,17 +1439,45 @@ impl Allocator {
                     };
                     results.push((i, r));
                 }
+                let mut here: BTreeMap<String, i64> = BTreeMap::new();
+                for (_, r) in &results {
+                    if let Released::Freed { handle: Some(hd) } = r {
+                        *here.entry(names::handle_name(hd)).or_default() += 1;
+                    }
+                }
                 let any = results
                     .iter()
                     .any(|(_, r)| matches!(r, Released::Freed { .. }));
+                // With an atomic store the block and its handles' counts are one commit;
+                // otherwise the block first and the handles after every block.
+                let atomic = store.atomic_commit() && here.len() < MAX_COMMIT_WRITES;
                 if any {
-                    match store.update(&new).await {
+                    let res = if atomic {
+                        self.commit_release(&new, &key, &here, &mut handles).await?
+                    } else {
+                        store.update(&new).await
+                    };
+                    match res {
                         Ok(written) => {
                             if let Some(c) = st.blocks.as_mut() {
                                 if c.contains_key(&cidr) {
                                     c.insert(cidr, written);
                                 }
                             }
+                        }
+                        // Only a handle changed: read it again, keep the block.
+                        Err(e)
+                            if e.object().is_some_and(|(k, _)| k == Kind::IPAMHandle)
+                                && (e.is_conflict() || e.is_not_found()) =>
+                        {
+                            if let Some((_, hname)) = e.object() {
+                                handles.remove(hname);
+                            }
+                            cur = Some(blk);
+                            if attempt > 0 {
+                                backoff(attempt).await;
+                            }
+                            continue;
                         }
                         Err(e) if e.is_conflict() || e.is_not_found() => {
                             backoff(attempt).await;
@@ -1326,11 +1494,11 @@ impl Allocator {
                 for (i, r) in results {
                     outcomes[i] = match r {
                         Released::Freed { handle } => {
-                            if let Some(hd) = &handle {
+                            if let (Some(hd), false) = (&handle, atomic) {
                                 *freed
                                     .entry(hd.clone())
                                     .or_default()
-                                    .entry(cidr.to_string())
+                                    .entry(key.clone())
                                     .or_default() += 1;
                             }
                             debug!(ip = %ips[i].0, block = %cidr, handle = ?handle, "released");
@@ -1353,7 +1521,7 @@ impl Allocator {
                 });
             }
         }
-        // Then the handles.
+        // Then the handles (the ordered path).
         for (handle, counts) in freed {
             let mut h = HandleTx::new(&handle);
             for (key, n) in counts {
@@ -1361,6 +1529,44 @@ impl Allocator {
             }
         }
         Ok(outcomes)
+    }
+
+    /// One commit of a block change that frees addresses, with the counts of the handles that
+    /// held them (`freed`: per handle object name, how many in block `key`) decreased, and
+    /// handles left with nothing deleted. Handles not in `handles` are read first; absent
+    /// handles have nothing to decrease. The outer `Result` is a failed read, the inner one the
+    /// commit's outcome, for the caller to retry on.
+    async fn commit_release(
+        &self,
+        new: &IPAMBlock,
+        key: &str,
+        freed: &BTreeMap<String, i64>,
+        handles: &mut HashMap<String, Option<IPAMHandle>>,
+    ) -> Result<std::result::Result<IPAMBlock, margay_api::StoreError>> {
+        let store = &self.inner.store;
+        let mut commit = Commit::new().update(new);
+        for (hname, n) in freed {
+            if !handles.contains_key(hname) {
+                let h = store
+                    .try_get::<IPAMHandle>(hname)
+                    .await
+                    .map_err(IpamError::store(format!("read handle {hname}")))?;
+                handles.insert(hname.clone(), h);
+            }
+            if let Some(cur) = &handles[hname] {
+                commit = match adjusted(cur, key, -n) {
+                    Some(next) => commit.update(&next),
+                    None => commit.delete(cur),
+                };
+            }
+        }
+        Ok(store.commit(commit).await.and_then(|done| {
+            for hname in freed.keys() {
+                // Written, or deleted (NotFound), or absent all along.
+                handles.insert(hname.clone(), done.get::<IPAMHandle>(hname).ok());
+            }
+            done.get::<IPAMBlock>(new.metadata.name.as_deref().unwrap_or_default())
+        }))
     }
 
     /// Releases every address of a handle, then the handle. Returns the addresses freed.
@@ -1372,6 +1578,123 @@ impl Allocator {
     }
 
     async fn release_handle_locked(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        handle_id: &str,
+    ) -> Result<Vec<IpAddr>> {
+        if self.inner.store.atomic_commit() {
+            self.release_handle_atomic(st, policy, handle_id).await
+        } else {
+            self.release_handle_ordered(st, policy, handle_id).await
+        }
+    }
+
+    /// Release by handle as one commit: every block of the handle freed of its addresses and
+    /// the handle deleted. A conflict re-reads only the object that changed.
+    async fn release_handle_atomic(
+        &self,
+        st: &mut NodeState,
+        policy: &Policy,
+        handle_id: &str,
+    ) -> Result<Vec<IpAddr>> {
+        let store = &self.inner.store;
+        let hname = names::handle_name(handle_id);
+        let cooldown = u64::from(policy.config.ip_cooldown_seconds);
+        let mut handle: Option<IPAMHandle> = None;
+        // Blocks as last read, by name (`None`: absent).
+        let mut blocks: BTreeMap<String, Option<IPAMBlock>> = BTreeMap::new();
+        for attempt in 0..self.max_attempts() {
+            let h = match handle.take() {
+                Some(h) => h,
+                None => match store
+                    .try_get::<IPAMHandle>(&hname)
+                    .await
+                    .map_err(IpamError::store(format!("read handle {handle_id}")))?
+                {
+                    Some(h) => h,
+                    None => return Ok(Vec::new()),
+                },
+            };
+            let cidrs: Vec<IpNet> = h.spec.block.keys().filter_map(|k| k.parse().ok()).collect();
+            if cidrs.len() >= MAX_COMMIT_WRITES {
+                return self.release_handle_ordered(st, policy, handle_id).await;
+            }
+            let now = self.now();
+            let mut commit = Commit::new();
+            let mut freed = Vec::new();
+            let mut touched = Vec::new();
+            for cidr in &cidrs {
+                let name = names::block_name(cidr);
+                if !blocks.contains_key(&name) {
+                    let b = store
+                        .try_get::<IPAMBlock>(&name)
+                        .await
+                        .map_err(IpamError::store(format!("read block {cidr}")))?;
+                    blocks.insert(name.clone(), b);
+                }
+                let Some(blk) = &blocks[&name] else { continue };
+                let mut new = blk.clone();
+                let ords = block::release_handle(&mut new.spec, handle_id, cooldown, now);
+                if ords.is_empty() {
+                    continue;
+                }
+                freed.extend(ords.iter().map(|&o| block::ip_of(cidr, o)));
+                commit = commit.update(&new);
+                touched.push((*cidr, name));
+            }
+            match store.commit(commit.delete(&h)).await {
+                Ok(done) => {
+                    if let Some(c) = st.blocks.as_mut() {
+                        for (cidr, name) in touched {
+                            if let Some(cached) = c.get_mut(&cidr) {
+                                *cached = done
+                                    .get::<IPAMBlock>(&name)
+                                    .map_err(IpamError::store(format!("read block {cidr}")))?;
+                            }
+                        }
+                    }
+                    debug!(handle = %handle_id, n = freed.len(), "released handle");
+                    return Ok(freed);
+                }
+                // The handle was written meanwhile (an assign for the same handle) or
+                // released by someone else: read it again.
+                Err(e)
+                    if e.is_about(Kind::IPAMHandle, &hname)
+                        && (e.is_conflict() || e.is_not_found()) =>
+                {
+                    backoff(attempt).await
+                }
+                Err(e)
+                    if e.object().is_some_and(|(k, _)| k == Kind::IPAMBlock)
+                        && (e.is_conflict() || e.is_not_found()) =>
+                {
+                    if let Some((_, name)) = e.object() {
+                        blocks.remove(name);
+                    }
+                    handle = Some(h);
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                }
+                Err(e) => {
+                    return Err(IpamError::Store {
+                        what: format!("release handle {handle_id}"),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(IpamError::Contention {
+            what: format!("release handle {handle_id}"),
+            attempts: self.max_attempts(),
+        })
+    }
+
+    /// Release by handle for stores without atomic commits: each block freed of the handle's
+    /// addresses, then the handle deleted, so that a crash midway leaves a handle that still
+    /// names every block with its addresses.
+    async fn release_handle_ordered(
         &self,
         st: &mut NodeState,
         policy: &Policy,
@@ -1476,6 +1799,18 @@ impl Allocator {
     pub async fn affine_blocks(&self) -> Result<Vec<IpNet>> {
         affine_blocks(&self.inner.store, &self.inner.node).await
     }
+}
+
+/// `cur` with `delta` added to its count for block `key` (never below zero; a zero count is
+/// removed). `None` when no count is left: the handle is to be deleted.
+fn adjusted(cur: &IPAMHandle, key: &str, delta: i64) -> Option<IPAMHandle> {
+    let mut new = cur.clone();
+    let c = new.spec.block.entry(key.to_owned()).or_insert(0);
+    *c = (*c + delta).max(0);
+    if *c == 0 {
+        new.spec.block.remove(key);
+    }
+    (!new.spec.block.is_empty()).then_some(new)
 }
 
 fn blk_affinity(node: &Option<String>) -> Option<String> {

@@ -619,3 +619,277 @@ async fn an_unavailable_store_fails_with_a_retryable_error() {
     a.assign(&v4("h", 1)).await.unwrap();
     assert_consistent(&store).await;
 }
+
+// ===== writes per operation =====
+
+/// A memory store that logs every call (`get IPAMHandle x`, `update IPAMBlock y`,
+/// `commit [create IPAMHandle x, update IPAMBlock y]`, with ` failed` when it failed), and
+/// commits atomically or, like the Kubernetes backend, write by write.
+#[derive(Debug)]
+struct Recording {
+    inner: margay_api::store::memory::MemoryBackend,
+    atomic: bool,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+mod recording {
+    use super::Recording;
+    use margay_api::store::{
+        commit_in_order, Backend, Kind, RawList, RawObject, RawWatch, RawWrite, Revision,
+    };
+    use margay_api::StoreError;
+    use serde_json::Value;
+
+    impl Recording {
+        fn note<T>(&self, what: String, r: Result<T, StoreError>) -> Result<T, StoreError> {
+            let failed = if r.is_err() { " failed" } else { "" };
+            self.log.lock().unwrap().push(format!("{what}{failed}"));
+            r
+        }
+
+        pub fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    fn describe(w: &RawWrite) -> String {
+        let op = match w {
+            RawWrite::Create { .. } => "create",
+            RawWrite::Update { .. } => "update",
+            RawWrite::Delete { .. } => "delete",
+        };
+        format!("{op} {} {}", w.kind(), w.name())
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for Recording {
+        fn name(&self) -> &'static str {
+            "memory"
+        }
+        async fn get(&self, kind: Kind, name: &str) -> Result<RawObject, StoreError> {
+            self.note(
+                format!("get {kind} {name}"),
+                self.inner.get(kind, name).await,
+            )
+        }
+        async fn list(&self, kind: Kind) -> Result<RawList, StoreError> {
+            self.note(format!("list {kind}"), self.inner.list(kind).await)
+        }
+        async fn create(&self, kind: Kind, name: &str, v: Value) -> Result<RawObject, StoreError> {
+            let r = self.inner.create(kind, name, v).await;
+            self.note(format!("create {kind} {name}"), r)
+        }
+        async fn update(
+            &self,
+            kind: Kind,
+            name: &str,
+            v: Value,
+            expected: Revision,
+        ) -> Result<RawObject, StoreError> {
+            let r = self.inner.update(kind, name, v, expected).await;
+            self.note(format!("update {kind} {name}"), r)
+        }
+        async fn update_status(
+            &self,
+            kind: Kind,
+            name: &str,
+            v: Value,
+            expected: Revision,
+        ) -> Result<RawObject, StoreError> {
+            let r = self.inner.update_status(kind, name, v, expected).await;
+            self.note(format!("update_status {kind} {name}"), r)
+        }
+        async fn delete(&self, kind: Kind, name: &str, rev: Revision) -> Result<(), StoreError> {
+            let r = self.inner.delete(kind, name, rev).await;
+            self.note(format!("delete {kind} {name}"), r)
+        }
+        async fn commit(
+            &self,
+            writes: Vec<RawWrite>,
+        ) -> Result<Vec<Option<RawObject>>, StoreError> {
+            if !self.atomic {
+                return commit_in_order(self, writes).await;
+            }
+            let what = format!(
+                "commit [{}]",
+                writes.iter().map(describe).collect::<Vec<_>>().join(", ")
+            );
+            let r = self.inner.commit(writes).await;
+            self.note(what, r)
+        }
+        fn atomic_commit(&self) -> bool {
+            self.atomic
+        }
+        async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError> {
+            self.inner.watch(kind, after).await
+        }
+    }
+}
+
+fn recording(atomic: bool) -> (std::sync::Arc<Recording>, Store) {
+    let b = std::sync::Arc::new(Recording {
+        inner: margay_api::store::memory::MemoryBackend::new(),
+        atomic,
+        log: Default::default(),
+    });
+    (b.clone(), Store::new(b))
+}
+
+fn writes(log: Vec<String>) -> Vec<String> {
+    log.into_iter()
+        .filter(|l| !l.starts_with("get ") && !l.starts_with("list "))
+        .collect()
+}
+
+/// On a store that commits atomically, a block claim is one commit (confirmed affinity and
+/// block), an allocation in a block with room is one commit (handle and block), and so is each
+/// kind of release.
+#[tokio::test]
+async fn with_atomic_commits_an_allocation_and_a_release_are_one_commit_each() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.60.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let a = alloc(&store, "n1", &clock);
+    let block = "IPAMBlock 10-60-0-0-26";
+    let aff = format!(
+        "BlockAffinity {}",
+        names::affinity_name("n1", &"10.60.0.0/26".parse().unwrap())
+    );
+    let h = |id: &str| format!("IPAMHandle {}", names::handle_name(id));
+    rec.take();
+    a.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![
+            format!("commit [create {aff}, create {block}]"),
+            format!("commit [create {}, update {block}]", h("h1")),
+        ],
+        "a claim is one commit, and so is the allocation in the new block"
+    );
+    let affinity: BlockAffinity = store.get(&aff["BlockAffinity ".len()..]).await.unwrap();
+    assert_eq!(affinity.spec.state, AffinityState::Confirmed);
+
+    let got = a.assign(&v4("h2", 1)).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("commit [create {}, update {block}]", h("h2"))]
+    );
+    a.release_by_handle("h2").await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("commit [update {block}, delete {}]", h("h2"))]
+    );
+
+    let h3 = a.assign(&v4("h3", 2)).await.unwrap();
+    rec.take();
+    let one = &h3.addresses[0];
+    a.release_ips(&[(one.ip, Some(one.seq))]).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("commit [update {block}, update {}]", h("h3"))],
+        "one of two addresses released: the handle's count goes down"
+    );
+    let two = &h3.addresses[1];
+    a.release_ips(&[(two.ip, Some(two.seq))]).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("commit [update {block}, delete {}]", h("h3"))],
+        "the last address released: the handle goes"
+    );
+    assert!(store
+        .try_get::<IPAMHandle>(&names::handle_name("h3"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(got.addresses[0].ip.to_string().starts_with("10.60.0."));
+    assert_consistent(&store).await;
+}
+
+/// A handle that changed under a commit is read again, alone, and the same block change is
+/// committed with it: a repeated ADD for one handle adds to the handle's count.
+#[tokio::test]
+async fn a_conflict_on_the_handle_rereads_only_the_handle() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.61.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let a = alloc(&store, "n1", &clock);
+    a.assign(&v4("h", 1)).await.unwrap();
+    rec.take();
+    // The same handle again: the request starts without the handle, tries to create it, and
+    // meets the one written by the first request.
+    a.assign(&v4("h", 1)).await.unwrap();
+    let log = rec.take();
+    let first = log.iter().position(|l| l.starts_with("commit")).unwrap();
+    let hname = names::handle_name("h");
+    assert_eq!(
+        log[first..].to_vec(),
+        vec![
+            format!("commit [create IPAMHandle {hname}, update IPAMBlock 10-61-0-0-26] failed"),
+            format!("get IPAMHandle {hname}"),
+            format!("commit [update IPAMHandle {hname}, update IPAMBlock 10-61-0-0-26]"),
+        ]
+    );
+    let handle: IPAMHandle = store.get(&hname).await.unwrap();
+    assert_eq!(handle.spec.block["10.61.0.0/26"], 2);
+    assert_consistent(&store).await;
+}
+
+/// Without atomic commits (Kubernetes) the writes are made one by one in the safe order: the
+/// claim in three steps, the handle before the block on assign, the block before the handle on
+/// release.
+#[tokio::test]
+async fn without_atomic_commits_the_handle_is_written_before_the_block_and_after_on_release() {
+    let (rec, store) = recording(false);
+    store
+        .create(&pool("p", "10.62.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let a = alloc(&store, "n1", &clock);
+    let block = "IPAMBlock 10-62-0-0-26";
+    let aff = format!(
+        "BlockAffinity {}",
+        names::affinity_name("n1", &"10.62.0.0/26".parse().unwrap())
+    );
+    let h = |id: &str| format!("IPAMHandle {}", names::handle_name(id));
+    rec.take();
+    a.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![
+            format!("create {aff}"),
+            format!("create {block}"),
+            format!("update {aff}"),
+            format!("create {}", h("h1")),
+            format!("update {block}"),
+        ],
+        "claim: pending affinity, block, confirmed affinity; then handle and block"
+    );
+
+    let got = a.assign(&v4("h2", 1)).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("create {}", h("h2")), format!("update {block}")]
+    );
+    a.release_by_handle("h2").await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("update {block}"), format!("delete {}", h("h2"))]
+    );
+    let h3 = a.assign(&v4("h3", 1)).await.unwrap();
+    rec.take();
+    let x = &h3.addresses[0];
+    a.release_ips(&[(x.ip, Some(x.seq))]).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("update {block}"), format!("delete {}", h("h3"))]
+    );
+    assert!(got.addresses[0].ip.to_string().starts_with("10.62.0."));
+    assert_consistent(&store).await;
+}

@@ -1,13 +1,17 @@
 //! Property tests on the in-memory store: random interleavings of assign, release (by handle,
 //! by address, stale), claims and crashes between any two writes never hand one address to two
 //! live handles, and released addresses come back only after, and as soon as, the cooldown
-//! allows.
+//! allows. Each case runs either with atomic commits (as on memory and etcd: the allocator's
+//! one-commit paths) or with commits made write by write (as on Kubernetes: the ordered paths,
+//! where a crash can fall between the writes of one commit).
 
 mod common;
 
 use common::*;
 use margay_api::store::memory::MemoryBackend;
-use margay_api::store::{Backend, Kind, RawList, RawObject, RawWatch, Revision};
+use margay_api::store::{
+    commit_in_order, Backend, Kind, RawList, RawObject, RawWatch, RawWrite, Revision,
+};
 use margay_api::{Store, StoreError};
 use margay_ipam::audit::{self, LiveSet, Snapshot};
 use margay_ipam::{Allocator, AssignedAddress, Clock, IpamError};
@@ -20,10 +24,12 @@ use std::sync::Arc;
 
 /// A node's view of the shared store: it yields before every call (so concurrent requests
 /// interleave at every datastore operation) and can be made to "crash": after `writes_left`
-/// more writes every write fails, as if the process died there.
+/// more writes every write fails, as if the process died there. An atomic commit is one write;
+/// without `atomic`, a commit is its writes one by one, each counted.
 #[derive(Debug)]
 struct NodeBackend {
     inner: MemoryBackend,
+    atomic: bool,
     /// Negative: no crash armed.
     writes_left: AtomicI64,
 }
@@ -90,6 +96,19 @@ impl Backend for NodeBackend {
         self.write(kind, name)?;
         self.inner.delete(kind, name, expected).await
     }
+    async fn commit(&self, writes: Vec<RawWrite>) -> Result<Vec<Option<RawObject>>, StoreError> {
+        if !self.atomic {
+            return commit_in_order(self, writes).await;
+        }
+        tokio::task::yield_now().await;
+        if let Some(w) = writes.first() {
+            self.write(w.kind(), w.name())?;
+        }
+        self.inner.commit(writes).await
+    }
+    fn atomic_commit(&self) -> bool {
+        self.atomic
+    }
     async fn watch(&self, kind: Kind, after: Revision) -> Result<RawWatch, StoreError> {
         self.inner.watch(kind, after).await
     }
@@ -146,7 +165,7 @@ struct World {
 }
 
 impl World {
-    async fn new(cooldown: u64) -> World {
+    async fn new(cooldown: u64, atomic: bool) -> World {
         let mem = MemoryBackend::new();
         let shared = Store::new(Arc::new(mem.clone()));
         // 16 addresses in four /30 blocks: exhaustion, borrowing and claims contend often.
@@ -171,6 +190,7 @@ impl World {
         for n in 0..NODES {
             let b = Arc::new(NodeBackend {
                 inner: w.mem.clone(),
+                atomic,
                 writes_left: AtomicI64::new(-1),
             });
             w.allocators.push(alloc(
@@ -422,14 +442,14 @@ async fn collect_garbage(w: &mut World) {
     assert!(left.is_empty(), "after GC: {left:#?}");
 }
 
-fn run(cooldown: u64, steps: Vec<Vec<Op>>) {
+fn run(cooldown: u64, atomic: bool, steps: Vec<Vec<Op>>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut w = World::new(cooldown).await;
+        let mut w = World::new(cooldown, atomic).await;
         for step in &steps {
             run_step(&mut w, step).await;
         }
@@ -452,11 +472,23 @@ proptest! {
 
     #[test]
     fn no_address_is_held_by_two_live_handles(steps in steps()) {
-        run(0, steps);
+        run(0, true, steps);
+    }
+
+    #[test]
+    fn no_address_is_held_by_two_live_handles_with_ordered_commits(steps in steps()) {
+        run(0, false, steps);
     }
 
     #[test]
     fn released_addresses_return_within_the_cooldown_rules(steps in steps()) {
-        run(30, steps);
+        run(30, true, steps);
+    }
+
+    #[test]
+    fn released_addresses_return_within_the_cooldown_rules_with_ordered_commits(
+        steps in steps(),
+    ) {
+        run(30, false, steps);
     }
 }
