@@ -127,6 +127,11 @@ pub struct NetConf {
     /// Where the node agent keeps the MTU file, the node name and pending releases.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// The network namespace that plays the node (a path such as `/var/run/netns/node1`).
+    /// Unset in a cluster: the node is the plugin's own namespace. The lab and the tests run
+    /// nodes as namespaces while the datastore stays reachable from the plugin's namespace.
+    #[serde(default)]
+    pub node_netns: Option<PathBuf>,
     #[serde(rename = "runtimeConfig", default)]
     pub runtime_config: Option<RuntimeConfig>,
     #[serde(rename = "prevResult", default)]

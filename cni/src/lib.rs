@@ -5,9 +5,18 @@
 //! - `margay-ipam`: hands out addresses from Margay's block allocator.
 //!
 //! [`spec`] is the protocol (versions, environment, errors, results); [`config`] is the network
-//! configuration.
+//! configuration; [`plugin`] runs the commands; [`netsetup`] is the kernel side, [`datastore`]
+//! the datastore side and [`state`] what the plugin keeps on the node. `docs/cni.md` documents
+//! the configuration and every Margay error code.
 
 pub mod config;
+pub mod datastore;
 pub mod install;
+mod logging;
+pub mod netsetup;
+pub mod plugin;
 pub mod spec;
+pub mod state;
 pub mod token;
+
+pub use plugin::{drain_pending_releases, run, run_plugin, DrainReport, PluginType};

@@ -78,6 +78,8 @@ pub mod code {
     pub const DATASTORE: u32 = 103;
     /// CHECK found the container's network not as the result says.
     pub const CHECK_FAILED: u32 = 104;
+    /// ADD found an interface of the requested name (`CNI_IFNAME`) already in the container.
+    pub const INTERFACE_EXISTS: u32 = 105;
 }
 
 /// An error as the spec writes it on stdout: `{"cniVersion", "code", "msg", "details"}`.

@@ -863,6 +863,14 @@ impl Agent {
     pub async fn reconcile(&mut self, remote: &[RemoteRoute]) -> Result<(), AgentError> {
         self.health.beat();
         self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        // Releases the CNI plugin could not make while the datastore was away.
+        let drained = margay_cni::drain_pending_releases(
+            &self.cfg.state_dir,
+            &self.store,
+            Duration::from_secs(2),
+        )
+        .await;
+        tracing::debug!(?drained, "pending CNI releases");
         let pools = self.my_pools();
         // Sysctls first: forwarding is what makes this machine a router for its pods.
         margay_kernel::sysctl::set_ipv4_forwarding(true)?;
