@@ -257,6 +257,10 @@ pub struct Agent {
     vxlan: Option<VtepState>,
     /// Whether the missing-IPIP error was logged already.
     ipip_warned: bool,
+    /// The Kubernetes Node's labels (Kubernetes mode only), copied into the Margay Node, and
+    /// when they were last read.
+    k8s_labels: Option<BTreeMap<String, String>>,
+    k8s_labels_read: Instant,
     /// The embedded BGP speaker, when BGP is enabled.
     bgp: Option<crate::bgp::BgpDriver>,
     best_routes: Option<margay_bgp::BestRouteStream>,
@@ -339,11 +343,14 @@ impl Agent {
             vxlan: None,
             programmed: HashMap::new(),
             ipip_warned: false,
+            k8s_labels: None,
+            k8s_labels_read: Instant::now(),
             bgp: None,
             best_routes: None,
         };
-        agent.publish_node(None).await?;
         let mut agent = agent;
+        agent.k8s_labels = agent.kubernetes_node_labels().await;
+        agent.publish_node(None).await?;
         if agent.cfg.bgp_enabled {
             agent.start_bgp().await?;
         }
@@ -484,21 +491,42 @@ impl Agent {
         out
     }
 
-    async fn kube_secret(&self, name: &str, key: &str) -> Option<String> {
-        use base64::Engine;
+    /// A client for the Kubernetes API, in Kubernetes mode.
+    async fn kube_client(&self) -> Option<kube::Client> {
         let margay_api::DatastoreConfig::Kubernetes { kubeconfig } = &self.cfg.datastore else {
             return None;
         };
-        let client = match kubeconfig {
+        match kubeconfig {
             Some(p) => {
                 let kc = kube::config::Kubeconfig::read_from(p).ok()?;
                 let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                     .await
                     .ok()?;
-                kube::Client::try_from(cfg).ok()?
+                kube::Client::try_from(cfg).ok()
             }
-            None => kube::Client::try_default().await.ok()?,
+            None => kube::Client::try_default().await.ok(),
+        }
+    }
+
+    /// The Kubernetes Node's labels, in Kubernetes mode.
+    async fn kubernetes_node_labels(&self) -> Option<BTreeMap<String, String>> {
+        let client = self.kube_client().await?;
+        let req = http::Request::get(format!("/api/v1/nodes/{}", self.node))
+            .body(Vec::new())
+            .ok()?;
+        let node: serde_json::Value = match client.request(req).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the Kubernetes Node's labels");
+                return None;
+            }
         };
+        serde_json::from_value(node["metadata"]["labels"].clone()).ok()
+    }
+
+    async fn kube_secret(&self, name: &str, key: &str) -> Option<String> {
+        use base64::Engine;
+        let client = self.kube_client().await?;
         let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "margay-system".into());
         let req = http::Request::get(format!("/api/v1/namespaces/{ns}/secrets/{name}"))
             .body(Vec::new())
@@ -586,9 +614,17 @@ impl Agent {
                 bgp.as_number = self.cfg.as_number;
             }
             n.spec.bgp = Some(bgp);
+            if let Some(labels) = &self.k8s_labels {
+                // In Kubernetes mode the node's labels are the Kubernetes Node's: copy them, so
+                // that selectors read one place in every datastore.
+                n.metadata.labels = Some(labels.clone());
+            }
             n.spec.ipv4_vxlan_tunnel_addr = vtep.map(|v| v.tunnel_addr.to_string());
             n.spec.vxlan_tunnel_mac_addr = vtep.map(|v| margay_kernel::format_mac(&v.mac));
-            if existing.as_ref().map(|e| &e.spec) == Some(&n.spec) {
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.spec == n.spec && e.metadata.labels == n.metadata.labels)
+            {
                 return Ok(());
             }
             let result = match existing {
@@ -844,6 +880,13 @@ impl Agent {
                 sysctl::set_route_localnet(n, true)?;
                 Ok(())
             })();
+            // IPv6 settings exist only where the interface has IPv6; their absence is fine.
+            let _ = (|| -> Result<(), KernelError> {
+                sysctl::set_proxy_ndp(n, true)?;
+                sysctl::set_accept_ra(n, 0)?;
+                sysctl::set_iface_forwarding(n, true, true)?;
+                Ok(())
+            })();
             if let Err(e) = result {
                 // The interface may have gone between the listing and the write.
                 tracing::debug!(iface = %n, error = %e, "pod interface sysctls");
@@ -863,6 +906,17 @@ impl Agent {
     pub async fn reconcile(&mut self, remote: &[RemoteRoute]) -> Result<(), AgentError> {
         self.health.beat();
         self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        // Kubernetes mode: follow label changes of the Kubernetes Node, once per resync interval.
+        if self.k8s_labels.is_some() && self.k8s_labels_read.elapsed() >= self.cfg.resync_interval {
+            self.k8s_labels_read = Instant::now();
+            if let Some(l) = self.kubernetes_node_labels().await {
+                if Some(&l) != self.k8s_labels.as_ref() {
+                    self.k8s_labels = Some(l);
+                    let vtep = self.vxlan.clone();
+                    self.publish_node(vtep.as_ref()).await?;
+                }
+            }
+        }
         // Releases the CNI plugin could not make while the datastore was away.
         let drained = margay_cni::drain_pending_releases(
             &self.cfg.state_dir,
