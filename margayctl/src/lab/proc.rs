@@ -17,7 +17,23 @@ pub struct Daemon {
     pub pid: u32,
     /// The program's file name, checked against `/proc/<pid>/cmdline` before any signal.
     pub program: String,
+    /// The process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the
+    /// PID it names one process for good, so a PID reused by someone else's process is never
+    /// signalled.
+    #[serde(default)]
+    pub start_time: u64,
     pub log: PathBuf,
+}
+
+/// The start time of process `pid`, if it exists.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// Runs `ip <args>`, failing with its error output.
@@ -87,10 +103,11 @@ pub fn spawn_daemon(
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {} in {ns}", program.display()))?;
-    // `ip netns exec` execs the program, so the PID is the daemon's.
+    // `ip netns exec` execs the program, so the PID (and its start time) is the daemon's.
     Ok(Daemon {
         name: name.to_owned(),
         pid: child.id(),
+        start_time: start_time(child.id()).unwrap_or(0),
         program: program
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -106,7 +123,8 @@ pub fn is_running(d: &Daemon) -> bool {
     };
     let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
     let exe = String::from_utf8_lossy(first);
-    let runs = exe.rsplit('/').next() == Some(d.program.as_str());
+    let runs = exe.rsplit('/').next() == Some(d.program.as_str())
+        && (d.start_time == 0 || start_time(d.pid) == Some(d.start_time));
     let zombie = std::fs::read_to_string(format!("/proc/{}/stat", d.pid))
         .map(|s| {
             s.rsplit(')')
