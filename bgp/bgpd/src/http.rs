@@ -1,0 +1,311 @@
+//! The local status API and Prometheus metrics: a small HTTP/1.1 server (GET only,
+//! one request per connection) on tokio. Paths:
+//!
+//! - `/metrics`: Prometheus text format.
+//! - `/peers`: JSON list of peers (what `margayctl bgp peers` shows).
+//! - `/routes`, `/routes?prefix=10.0.0.0/24`: JSON list of prefixes and their paths.
+//! - `/healthz`: `ok`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use margay_bgp::wire::Prefix;
+use margay_bgp::{Histogram, PeerStatus, SpeakerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+pub async fn serve(listener: TcpListener, speaker: SpeakerHandle) {
+    loop {
+        match listener.accept().await {
+            Ok((s, from)) => {
+                let sp = speaker.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(s, &sp).await {
+                        debug!(%from, error = %e, "status request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "status accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+async fn handle(mut s: TcpStream, sp: &SpeakerHandle) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")
+            })??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > 16 << 10 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (status, ctype, body) = if method != "GET" {
+        (405, "text/plain", "only GET is supported\n".to_owned())
+    } else {
+        route(path, query, sp).await
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.shutdown().await
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn route(path: &str, query: &str, sp: &SpeakerHandle) -> (u16, &'static str, String) {
+    const JSON: &str = "application/json";
+    match path {
+        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/peers" => match sp.peers().await {
+            Ok(p) => (200, JSON, serde_json::to_string(&p).unwrap_or_default()),
+            Err(e) => (503, "text/plain", format!("{e}\n")),
+        },
+        "/routes" => {
+            let prefix = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("prefix="))
+                .map(percent_decode);
+            let filter = match prefix.as_deref().map(str::parse::<Prefix>) {
+                None => None,
+                Some(Ok(p)) => Some(p),
+                Some(Err(e)) => return (400, "text/plain", format!("prefix: {e}\n")),
+            };
+            match sp.routes(filter).await {
+                Ok(r) => (200, JSON, serde_json::to_string(&r).unwrap_or_default()),
+                Err(e) => (503, "text/plain", format!("{e}\n")),
+            }
+        }
+        "/metrics" => match sp.peers().await {
+            Ok(p) => (
+                200,
+                "text/plain; version=0.0.4",
+                metrics(&p, &sp.metrics().update_latency),
+            ),
+            Err(e) => (503, "text/plain", format!("{e}\n")),
+        },
+        _ => (404, "text/plain", "try /peers, /routes, /metrics\n".into()),
+    }
+}
+
+fn state_number(s: &str) -> u8 {
+    match s {
+        "Idle" => 1,
+        "Connect" => 2,
+        "Active" => 3,
+        "OpenSent" => 4,
+        "OpenConfirm" => 5,
+        "Established" => 6,
+        _ => 0,
+    }
+}
+
+/// Prometheus text exposition of the peers and the speaker metrics.
+pub fn metrics(peers: &[PeerStatus], latency: &Histogram) -> String {
+    let mut o = String::new();
+    let family = |name: &str, kind: &str, help: &str, o: &mut String| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        "margay_bgp_session_state",
+        "gauge",
+        "Session state: 1 Idle, 2 Connect, 3 Active, 4 OpenSent, 5 OpenConfirm, 6 Established.",
+        &mut o,
+    );
+    for p in peers {
+        let _ = writeln!(
+            o,
+            "margay_bgp_session_state{{peer=\"{}\",asn=\"{}\"}} {}",
+            p.address,
+            p.asn,
+            state_number(&p.state)
+        );
+    }
+    family(
+        "margay_bgp_session_established",
+        "gauge",
+        "1 when the session is Established.",
+        &mut o,
+    );
+    for p in peers {
+        let _ = writeln!(
+            o,
+            "margay_bgp_session_established{{peer=\"{}\"}} {}",
+            p.address,
+            u8::from(p.state == "Established")
+        );
+    }
+    for (name, help, sent) in [
+        (
+            "margay_bgp_messages_received_total",
+            "BGP messages received, by type.",
+            false,
+        ),
+        (
+            "margay_bgp_messages_sent_total",
+            "BGP messages sent, by type.",
+            true,
+        ),
+    ] {
+        family(name, "counter", help, &mut o);
+        for p in peers {
+            let c = if sent {
+                &p.messages_sent
+            } else {
+                &p.messages_received
+            };
+            for (t, v) in [
+                ("open", c.open),
+                ("update", c.update),
+                ("notification", c.notification),
+                ("keepalive", c.keepalive),
+                ("route_refresh", c.route_refresh),
+            ] {
+                let _ = writeln!(o, "{name}{{peer=\"{}\",type=\"{t}\"}} {v}", p.address);
+            }
+        }
+    }
+    family(
+        "margay_bgp_prefixes_received_total",
+        "counter",
+        "Prefixes received in UPDATEs (announced or withdrawn).",
+        &mut o,
+    );
+    for p in peers {
+        let _ = writeln!(
+            o,
+            "margay_bgp_prefixes_received_total{{peer=\"{}\"}} {}",
+            p.address, p.prefixes_received
+        );
+    }
+    for (name, help, f) in [
+        (
+            "margay_bgp_prefixes_accepted",
+            "Paths from the peer held after import policy.",
+            (|p: &PeerStatus| p.prefixes_accepted) as fn(&PeerStatus) -> usize,
+        ),
+        (
+            "margay_bgp_prefixes_advertised",
+            "Prefixes advertised to the peer.",
+            |p| p.prefixes_advertised,
+        ),
+        (
+            "margay_bgp_prefixes_stale",
+            "Stale paths kept for a restarting peer.",
+            |p| p.prefixes_stale,
+        ),
+    ] {
+        family(name, "gauge", help, &mut o);
+        for p in peers {
+            let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", p.address, f(p));
+        }
+    }
+    family(
+        "margay_bgp_update_processing_seconds",
+        "histogram",
+        "Time from decoding an UPDATE to the route table holding its routes.",
+        &mut o,
+    );
+    for (i, b) in Histogram::BOUNDS.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "margay_bgp_update_processing_seconds_bucket{{le=\"{b}\"}} {}",
+            latency.buckets[i].load(Ordering::Relaxed)
+        );
+    }
+    let count = latency.count.load(Ordering::Relaxed);
+    let _ = writeln!(
+        o,
+        "margay_bgp_update_processing_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        o,
+        "margay_bgp_update_processing_seconds_sum {}",
+        latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(o, "margay_bgp_update_processing_seconds_count {count}");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_handles_slashes() {
+        assert_eq!(percent_decode("10.0.0.0%2F24"), "10.0.0.0/24");
+        assert_eq!(percent_decode("10.0.0.0/24"), "10.0.0.0/24");
+        assert_eq!(percent_decode("%"), "%");
+    }
+
+    #[test]
+    fn metrics_text_has_one_series_per_peer_and_the_histogram() {
+        let h = Histogram::default();
+        h.observe(std::time::Duration::from_millis(2));
+        let p: PeerStatus = serde_json::from_value(serde_json::json!({
+            "address": "10.0.0.2", "asn": 65000, "description": "", "ebgp": false, "rr_client": true,
+            "state": "Established", "since": 0, "last_error": null, "router_id": "10.0.0.2",
+            "local_address": "10.0.0.1", "hold_time": 90, "families": ["ipv4-unicast"],
+            "graceful_restart": false, "four_octet_as": true, "prefixes_received": 3, "prefixes_accepted": 2,
+            "prefixes_advertised": 1, "prefixes_stale": 0,
+            "messages_received": {"open":1,"update":2,"notification":0,"keepalive":3,"route_refresh":0},
+            "messages_sent": {"open":1,"update":1,"notification":0,"keepalive":3,"route_refresh":0}
+        }))
+        .unwrap();
+        let t = metrics(&[p], &h);
+        assert!(t.contains("margay_bgp_session_state{peer=\"10.0.0.2\",asn=\"65000\"} 6"));
+        assert!(
+            t.contains("margay_bgp_messages_received_total{peer=\"10.0.0.2\",type=\"update\"} 2")
+        );
+        assert!(t.contains("margay_bgp_prefixes_accepted{peer=\"10.0.0.2\"} 2"));
+        assert!(t.contains("margay_bgp_update_processing_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(t.contains("margay_bgp_update_processing_seconds_count 1"));
+    }
+}

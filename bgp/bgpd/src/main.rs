@@ -1,0 +1,203 @@
+//! `margay-bgpd`: Margay's BGP speaker as a standalone daemon, for route reflectors,
+//! ToR emulation in the lab, and peering with routers.
+//!
+//! Reads a YAML configuration (see `config.rs`), reloads it on SIGHUP applying only
+//! the difference, serves status and Prometheus metrics on a local HTTP address, can
+//! install learned routes through the workspace's kernel-route writer, and on
+//! SIGTERM/SIGINT closes every session with Cease/Administrative Shutdown.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use margay_bgp::{Speaker, SpeakerHandle};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+mod config;
+mod http;
+mod kernel;
+
+use config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "margay-bgpd", version, about = "Margay's BGP daemon")]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(short, long, default_value = "/etc/margay/bgpd.yaml")]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The restart marker: present while the daemon runs, removed on a clean exit. Its
+/// presence at start means the last run did not end cleanly, so this start is a
+/// graceful restart (RFC 4724 R bit).
+fn marker(dir: &Path) -> PathBuf {
+    dir.join("margay-bgpd.running")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("margay-bgpd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("{}: ok ({} peers)", cli.config.display(), cfg.peers.len());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("margay-bgpd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.config, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("margay-bgpd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf, mut cfg: Config) -> anyhow::Result<()> {
+    let mut speaker_cfg = cfg.bgp.clone();
+    if let Some(dir) = &cfg.state_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state_dir {}", dir.display()))?;
+        let m = marker(dir);
+        speaker_cfg.restarting = m.exists();
+        std::fs::write(&m, std::process::id().to_string())
+            .with_context(|| format!("writing {}", m.display()))?;
+        if speaker_cfg.restarting {
+            info!("previous run did not shut down cleanly: restarting gracefully");
+        }
+    }
+    let (speaker, best) = Speaker::start(speaker_cfg).await?;
+    if let Some(s) = &cfg.status {
+        let l = http::bind(s.listen)
+            .await
+            .with_context(|| format!("binding status.listen {}", s.listen))?;
+        info!(listen = %s.listen, "status API up");
+        tokio::spawn(http::serve(l, speaker.clone()));
+    }
+    match &cfg.kernel {
+        Some(k) => {
+            let restart_time = cfg
+                .bgp
+                .graceful_restart
+                .as_ref()
+                .map(|g| u64::from(g.restart_time))
+                .unwrap_or(0);
+            kernel::start(k, best, restart_time).context("starting the kernel route writer")?;
+        }
+        None => drop(best),
+    }
+    for p in &cfg.peers {
+        speaker.add_peer(p.clone()).await?;
+    }
+    for (p, a) in cfg.announcements() {
+        speaker.announce(p, a)?;
+    }
+    info!(peers = cfg.peers.len(), "margay-bgpd running");
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&path, &mut cfg, &speaker).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("shutting down");
+    if let Err(e) = speaker.shutdown("margay-bgpd shutting down").await {
+        warn!(error = %e, "shutdown incomplete");
+    }
+    if let Some(dir) = &cfg.state_dir {
+        let _ = std::fs::remove_file(marker(dir));
+    }
+    Ok(())
+}
+
+async fn reload(path: &Path, cfg: &mut Config, speaker: &SpeakerHandle) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload refused, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    let d = config::diff(cfg, &new);
+    if d.is_empty() {
+        info!("reload: no changes");
+        return;
+    }
+    if !d.needs_restart.is_empty() {
+        warn!(
+            sections = ?d.needs_restart,
+            "reload: these sections changed and apply only after a restart; the rest is applied now"
+        );
+    }
+    for a in &d.remove_peers {
+        if let Err(e) = speaker.remove_peer(*a).await {
+            error!(peer = %a, error = %e, "reload: cannot remove peer");
+        }
+    }
+    for p in &d.update_peers {
+        if let Err(e) = speaker.update_peer(p.clone()).await {
+            error!(peer = %p.address, error = %e, "reload: cannot update peer");
+        }
+    }
+    for p in &d.add_peers {
+        if let Err(e) = speaker.add_peer(p.clone()).await {
+            error!(peer = %p.address, error = %e, "reload: cannot add peer");
+        }
+    }
+    for p in &d.withdraw {
+        let _ = speaker.withdraw(*p);
+    }
+    for (p, a) in &d.announce {
+        let _ = speaker.announce(*p, a.clone());
+    }
+    info!(
+        removed = d.remove_peers.len(),
+        updated = d.update_peers.len(),
+        added = d.add_peers.len(),
+        withdrawn = d.withdraw.len(),
+        announced = d.announce.len(),
+        "reload applied"
+    );
+    // Keep the sections that need a restart as they run.
+    let mut applied = new;
+    applied.bgp = cfg.bgp.clone();
+    applied.status = cfg.status.clone();
+    applied.kernel = cfg.kernel.clone();
+    *cfg = applied;
+}

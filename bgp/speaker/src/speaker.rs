@@ -1,0 +1,1242 @@
+//! The embedding API and the speaker task that owns the RIB.
+//!
+//! One task owns the route table and every peer's Adj-RIB-Out, like BIRD's main
+//! loop: sessions hand it decoded routes, it runs policy and the decision process,
+//! and it fills each established peer's writer only while that writer's queue is
+//! under a high-water mark. A peer that reads slowly falls behind in the change
+//! journal (bounded: past a limit it resyncs with a table walk) and never holds up
+//! the others.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use margay_bgp_wire::{Families, Family, Message, Notification, Prefix, Update};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn};
+
+use crate::config::{ConfigError, PeerConfig, SpeakerConfig};
+use crate::fsm::{cease, DownReason, Negotiated};
+use crate::rib::attrs::next_hop_addr;
+use crate::rib::graceful::{GrAction, GrHelper};
+use crate::rib::policy::{CommunityText, Outcome};
+use crate::rib::table::{EntryId, Seq};
+use crate::rib::{
+    collect, encode, export::import_check, AdjRibOut, ExportCtx, ImportCtx, PathAttrs, PeerIdx,
+    Rib, RouteUpdate, Source, SourceKind, LOCAL,
+};
+use crate::session::{
+    self, PeerEvent, PeerStats, SessionCmd, SessionParams, SessionStatus, UpdateSink,
+};
+
+/// Prefix changes looked at per fill step for one peer.
+const FILL_BUDGET: usize = 4096;
+/// Journal records kept for laggards before they are made to resync.
+const JOURNAL_LIMIT: u64 = 4 << 20;
+
+/// Errors of the embedding API.
+#[derive(Debug, thiserror::Error)]
+pub enum SpeakerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("peer {0} already exists; use update_peer to change it")]
+    PeerExists(IpAddr),
+    #[error("no peer {0} is configured")]
+    NoSuchPeer(IpAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set the TCP-MD5 key for {peer} on the listener: {source}")]
+    Md5 {
+        peer: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the speaker has stopped")]
+    Stopped,
+}
+
+/// Where a best route came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum RouteOrigin {
+    Local,
+    Peer { address: IpAddr, ebgp: bool },
+}
+
+/// A best route as the embedder sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BestRoute {
+    /// Next hops of the ECMP set (one without multipath); empty for local routes.
+    pub next_hops: Vec<IpAddr>,
+    pub attrs: Arc<PathAttrs>,
+    pub origin: RouteOrigin,
+}
+
+/// One prefix's best route changed; `None` means it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BestRouteChange {
+    pub prefix: Prefix,
+    pub best: Option<BestRoute>,
+}
+
+/// The stream of best-route changes, in batches.
+pub struct BestRouteStream {
+    rx: mpsc::Receiver<Vec<BestRouteChange>>,
+}
+
+impl BestRouteStream {
+    /// The next batch; `None` once the speaker has stopped.
+    pub async fn recv(&mut self) -> Option<Vec<BestRouteChange>> {
+        self.rx.recv().await
+    }
+}
+
+/// A peer's status, for `margayctl bgp peers` and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: IpAddr,
+    pub asn: u32,
+    pub description: String,
+    pub ebgp: bool,
+    pub rr_client: bool,
+    pub state: String,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    pub last_error: Option<String>,
+    pub router_id: Option<String>,
+    pub local_address: Option<String>,
+    pub hold_time: Option<u16>,
+    pub families: Vec<String>,
+    pub graceful_restart: bool,
+    /// Both sides use 4-octet AS numbers (RFC 6793); false for a 2-octet peer.
+    pub four_octet_as: bool,
+    /// Prefixes received in UPDATEs (announcements and withdrawals).
+    pub prefixes_received: u64,
+    /// Paths held after import policy.
+    pub prefixes_accepted: usize,
+    /// Prefixes in the Adj-RIB-Out.
+    pub prefixes_advertised: usize,
+    /// Stale paths kept for a restarting peer.
+    pub prefixes_stale: usize,
+    /// Messages by type: open, update, notification, keepalive, route-refresh.
+    pub messages_received: MessageCounts,
+    pub messages_sent: MessageCounts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MessageCounts {
+    pub open: u64,
+    pub update: u64,
+    pub notification: u64,
+    pub keepalive: u64,
+    pub route_refresh: u64,
+}
+
+impl MessageCounts {
+    fn of(c: &[AtomicU64; 6]) -> Self {
+        let g = |i: usize| c[i].load(Ordering::Relaxed);
+        Self {
+            open: g(1),
+            update: g(2),
+            notification: g(3),
+            keepalive: g(4),
+            route_refresh: g(5),
+        }
+    }
+}
+
+/// One path of a prefix, for `margayctl bgp routes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathStatus {
+    pub best: bool,
+    pub multipath: bool,
+    pub from: String,
+    pub next_hop: Option<String>,
+    pub as_path: String,
+    pub origin: String,
+    pub local_pref: Option<u32>,
+    pub med: Option<u32>,
+    pub communities: Vec<String>,
+    pub large_communities: Vec<String>,
+    pub originator_id: Option<String>,
+    pub cluster_list: Vec<String>,
+    pub stale: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub prefix: String,
+    pub paths: Vec<PathStatus>,
+}
+
+/// Latency histogram of UPDATE processing (decoded → table updated), in seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    pub buckets: [AtomicU64; 10],
+    pub sum_micros: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl Histogram {
+    pub const BOUNDS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in Self::BOUNDS.iter().enumerate() {
+            if s <= *b {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Speaker-wide metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub update_latency: Histogram,
+}
+
+enum Command {
+    Announce(Prefix, PathAttrs),
+    Withdraw(Prefix),
+    AddPeer(PeerConfig, oneshot::Sender<Result<(), SpeakerError>>),
+    UpdatePeer(PeerConfig, oneshot::Sender<Result<(), SpeakerError>>),
+    RemovePeer(IpAddr, oneshot::Sender<Result<(), SpeakerError>>),
+    Peers(oneshot::Sender<Vec<PeerStatus>>),
+    Routes(Option<Prefix>, oneshot::Sender<Vec<RouteStatus>>),
+    RequestRefresh(IpAddr, oneshot::Sender<Result<(), SpeakerError>>),
+    Shutdown(String, oneshot::Sender<()>),
+}
+
+/// The handle embedders hold. Cheap to clone.
+#[derive(Clone)]
+pub struct SpeakerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    metrics: Arc<Metrics>,
+}
+
+impl SpeakerHandle {
+    fn send(&self, c: Command) -> Result<(), SpeakerError> {
+        self.tx.send(c).map_err(|_| SpeakerError::Stopped)
+    }
+
+    async fn ask<T>(
+        &self,
+        f: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SpeakerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(f(tx))?;
+        rx.await.map_err(|_| SpeakerError::Stopped)
+    }
+
+    /// Originates `prefix` with `attrs` (a `None` next hop means ourselves).
+    pub fn announce(&self, prefix: Prefix, attrs: PathAttrs) -> Result<(), SpeakerError> {
+        self.send(Command::Announce(prefix, attrs))
+    }
+
+    pub fn withdraw(&self, prefix: Prefix) -> Result<(), SpeakerError> {
+        self.send(Command::Withdraw(prefix))
+    }
+
+    pub async fn add_peer(&self, peer: PeerConfig) -> Result<(), SpeakerError> {
+        self.ask(|tx| Command::AddPeer(peer, tx)).await?
+    }
+
+    /// Changes a peer. Policy, max-prefix and description changes apply without a
+    /// reset (import changes ask the peer for a ROUTE-REFRESH, export changes resend
+    /// the difference); anything else restarts that one session.
+    pub async fn update_peer(&self, peer: PeerConfig) -> Result<(), SpeakerError> {
+        self.ask(|tx| Command::UpdatePeer(peer, tx)).await?
+    }
+
+    /// Removes a peer, closing its session with Cease/Peer De-configured.
+    pub async fn remove_peer(&self, address: IpAddr) -> Result<(), SpeakerError> {
+        self.ask(|tx| Command::RemovePeer(address, tx)).await?
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, SpeakerError> {
+        self.ask(Command::Peers).await
+    }
+
+    /// Every prefix with its paths, or only `prefix`.
+    pub async fn routes(&self, prefix: Option<Prefix>) -> Result<Vec<RouteStatus>, SpeakerError> {
+        self.ask(|tx| Command::Routes(prefix, tx)).await
+    }
+
+    /// Asks the peer to resend its routes (ROUTE-REFRESH, RFC 2918).
+    pub async fn request_refresh(&self, address: IpAddr) -> Result<(), SpeakerError> {
+        self.ask(|tx| Command::RequestRefresh(address, tx)).await?
+    }
+
+    /// Closes every session with Cease/Administrative Shutdown carrying `message`
+    /// (RFC 9003) and returns once the NOTIFICATIONs are flushed.
+    pub async fn shutdown(&self, message: &str) -> Result<(), SpeakerError> {
+        let m = message.to_owned();
+        self.ask(|tx| Command::Shutdown(m, tx)).await
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+}
+
+/// Entry point.
+pub struct Speaker;
+
+impl Speaker {
+    /// Validates `config`, binds its listeners and starts the speaker task.
+    pub async fn start(
+        config: SpeakerConfig,
+    ) -> Result<(SpeakerHandle, BestRouteStream), SpeakerError> {
+        config.validate()?;
+        let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let l = bind_listener(*addr).map_err(|source| SpeakerError::Listen {
+                addr: *addr,
+                source,
+            })?;
+            let l = Arc::new(l);
+            let h = tokio::spawn(accept_loop(l.clone(), registry.clone()));
+            listeners.push((l, h));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let (gr_tx, gr_rx) = mpsc::unbounded_channel();
+        let (best_tx, best_rx) = mpsc::channel(64);
+        let metrics = Arc::new(Metrics::default());
+        let mut rib = Rib::new(config.router_id);
+        rib.multipath = config.multipath;
+        let deferral = (config.restarting && config.graceful_restart.is_some()).then(|| {
+            let t = config
+                .graceful_restart
+                .as_ref()
+                .map(|g| g.restart_time)
+                .unwrap_or(120);
+            Instant::now() + Duration::from_secs(u64::from(t.max(1)))
+        });
+        let task = SpeakerTask {
+            cfg: config,
+            rib,
+            peers: HashMap::new(),
+            slots: vec![None],
+            cmd_rx: rx,
+            ev_rx,
+            ev_tx,
+            wake_rx,
+            wake_tx,
+            gr_rx,
+            gr_tx,
+            subscriber: Some(Subscriber {
+                tx: best_tx,
+                cursor: 0,
+                walk: None,
+            }),
+            registry,
+            listeners,
+            metrics: metrics.clone(),
+            deferral,
+        };
+        tokio::spawn(task.run());
+        Ok((
+            SpeakerHandle { tx, metrics },
+            BestRouteStream { rx: best_rx },
+        ))
+    }
+}
+
+type Registry = Arc<Mutex<HashMap<IpAddr, mpsc::UnboundedSender<SessionCmd>>>>;
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn accept_loop(l: Arc<TcpListener>, registry: Registry) {
+    loop {
+        match l.accept().await {
+            Ok((stream, from)) => {
+                let peer = canonical(from.ip());
+                let target = registry.lock().ok().and_then(|r| r.get(&peer).cloned());
+                match target {
+                    Some(tx) => {
+                        let _ = tx.send(SessionCmd::Inbound(stream));
+                    }
+                    None => debug!(%from, "connection from an unconfigured address; closed"),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Vec<BestRouteChange>>,
+    cursor: Seq,
+    walk: Option<EntryId>,
+}
+
+struct UpState {
+    negotiated: Box<Negotiated>,
+    export: ExportCtx,
+    out: AdjRibOut,
+    sink: UpdateSink,
+    eor_sent: bool,
+    /// End-of-RIB received from the peer (for the restarting speaker's deferral).
+    eor_received: Families,
+}
+
+struct PeerSlot {
+    config: PeerConfig,
+    cmd: mpsc::UnboundedSender<SessionCmd>,
+    task: JoinHandle<()>,
+    status: Arc<Mutex<SessionStatus>>,
+    stats: Arc<PeerStats>,
+    epoch: u64,
+    up: Option<UpState>,
+    gr: GrHelper,
+    /// The peer's GR capability on the last established session.
+    last_gr: Option<margay_bgp_wire::GracefulRestart>,
+    gr_timer: Option<JoinHandle<()>>,
+    gr_gen: u64,
+}
+
+struct SpeakerTask {
+    cfg: SpeakerConfig,
+    rib: Rib,
+    peers: HashMap<IpAddr, PeerIdx>,
+    slots: Vec<Option<PeerSlot>>,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    ev_rx: mpsc::Receiver<PeerEvent>,
+    ev_tx: mpsc::Sender<PeerEvent>,
+    wake_rx: mpsc::UnboundedReceiver<PeerIdx>,
+    wake_tx: mpsc::UnboundedSender<PeerIdx>,
+    gr_rx: mpsc::UnboundedReceiver<(PeerIdx, u64)>,
+    gr_tx: mpsc::UnboundedSender<(PeerIdx, u64)>,
+    subscriber: Option<Subscriber>,
+    registry: Registry,
+    listeners: Vec<(Arc<TcpListener>, JoinHandle<()>)>,
+    metrics: Arc<Metrics>,
+    /// While restarting (RFC 4724 §4.1): no advertisements until peers sent
+    /// End-of-RIB, or this deadline.
+    deferral: Option<Instant>,
+}
+
+// ===== impl SpeakerTask =====
+
+impl SpeakerTask {
+    async fn run(mut self) {
+        let span = info_span!("bgp_speaker", asn = self.cfg.asn, router_id = %self.cfg.router_id);
+        let _enter = span.enter();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(c) => self.command(c),
+                    None => break,
+                },
+                Some(ev) = self.ev_rx.recv() => {
+                    self.event(ev);
+                    // Take what else is waiting before sending anything: batching.
+                    for _ in 0..512 {
+                        match self.ev_rx.try_recv() {
+                            Ok(ev) => self.event(ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(_) = self.wake_rx.recv() => {}
+                Some((idx, gen)) = self.gr_rx.recv() => self.gr_timer(idx, gen),
+                _ = tick.tick() => self.check_deferral(),
+            }
+            self.pump();
+        }
+        for (_, h) in self.listeners.drain(..) {
+            h.abort();
+        }
+    }
+
+    fn slot(&mut self, idx: PeerIdx) -> Option<&mut PeerSlot> {
+        self.slots.get_mut(idx as usize).and_then(|s| s.as_mut())
+    }
+
+    // ----- commands -----
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Announce(p, a) => {
+                self.rib.update(LOCAL, p, Some(Arc::new(a)));
+            }
+            Command::Withdraw(p) => {
+                self.rib.update(LOCAL, p, None);
+            }
+            Command::AddPeer(p, tx) => {
+                let _ = tx.send(self.add_peer(p));
+            }
+            Command::UpdatePeer(p, tx) => {
+                let _ = tx.send(self.update_peer(p));
+            }
+            Command::RemovePeer(a, tx) => {
+                let _ = tx.send(self.remove_peer(a, "peer removed from the configuration"));
+            }
+            Command::Peers(tx) => {
+                let _ = tx.send(self.peer_status());
+            }
+            Command::Routes(p, tx) => {
+                let _ = tx.send(self.route_status(p));
+            }
+            Command::RequestRefresh(a, tx) => {
+                let r = match self.peers.get(&a).copied() {
+                    None => Err(SpeakerError::NoSuchPeer(a)),
+                    Some(idx) => {
+                        if let Some(s) = self.slot(idx) {
+                            for f in [Family::Ipv4Unicast, Family::Ipv6Unicast] {
+                                let _ = s.cmd.send(SessionCmd::RequestRefresh(f));
+                            }
+                        }
+                        Ok(())
+                    }
+                };
+                let _ = tx.send(r);
+            }
+            Command::Shutdown(message, tx) => {
+                let mut waits = Vec::new();
+                for s in self.slots.iter().flatten() {
+                    let (dtx, drx) = oneshot::channel();
+                    let _ = s.cmd.send(SessionCmd::Stop {
+                        message: message.clone(),
+                        done: Some(dtx),
+                    });
+                    waits.push(drx);
+                }
+                tokio::spawn(async move {
+                    for w in waits {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+                    }
+                    let _ = tx.send(());
+                });
+            }
+        }
+    }
+
+    fn set_listener_md5(&self, peer: IpAddr, key: Option<&str>) -> Result<(), SpeakerError> {
+        for (l, _) in &self.listeners {
+            let v6 = l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+            if peer.is_ipv6() && !v6 {
+                continue;
+            }
+            crate::sockopt::set_md5(l.as_ref(), peer, key.map(str::as_bytes))
+                .map_err(|source| SpeakerError::Md5 { peer, source })?;
+        }
+        Ok(())
+    }
+
+    fn add_peer(&mut self, p: PeerConfig) -> Result<(), SpeakerError> {
+        p.validate(&self.cfg)?;
+        if self.peers.contains_key(&p.address) {
+            return Err(SpeakerError::PeerExists(p.address));
+        }
+        if p.md5_password.is_some() {
+            self.set_listener_md5(p.address, p.md5_password.as_deref())?;
+        }
+        let idx = self.slots.len() as PeerIdx;
+        let status = Arc::new(Mutex::new(SessionStatus::default()));
+        let stats = Arc::new(PeerStats::default());
+        let (cmd, task) = session::spawn(SessionParams {
+            idx,
+            peer: p.clone(),
+            speaker: self.cfg.clone(),
+            events: self.ev_tx.clone(),
+            wake: self.wake_tx.clone(),
+            status: status.clone(),
+            stats: stats.clone(),
+        });
+        if !p.shutdown {
+            let _ = cmd.send(SessionCmd::Start);
+        }
+        if let Ok(mut r) = self.registry.lock() {
+            r.insert(p.address, cmd.clone());
+        }
+        info!(peer = %p.address, asn = p.asn, "peer added");
+        self.peers.insert(p.address, idx);
+        self.slots.push(Some(PeerSlot {
+            config: p,
+            cmd,
+            task,
+            status,
+            stats,
+            epoch: 0,
+            up: None,
+            gr: GrHelper::default(),
+            last_gr: None,
+            gr_timer: None,
+            gr_gen: 0,
+        }));
+        Ok(())
+    }
+
+    fn remove_peer(&mut self, addr: IpAddr, why: &str) -> Result<(), SpeakerError> {
+        let idx = self
+            .peers
+            .remove(&addr)
+            .ok_or(SpeakerError::NoSuchPeer(addr))?;
+        if let Ok(mut r) = self.registry.lock() {
+            r.remove(&addr);
+        }
+        if let Some(slot) = self.slots[idx as usize].take() {
+            let _ = slot.cmd.send(SessionCmd::Stop {
+                message: why.to_owned(),
+                done: None,
+            });
+            if let Some(t) = slot.gr_timer {
+                t.abort();
+            }
+            if slot.config.md5_password.is_some() {
+                let _ = self.set_listener_md5(addr, None);
+            }
+            // Dropping `cmd` ends the session task after the stop.
+            drop(slot.task);
+        }
+        self.rib.remove_source(idx);
+        info!(peer = %addr, "peer removed");
+        Ok(())
+    }
+
+    fn update_peer(&mut self, p: PeerConfig) -> Result<(), SpeakerError> {
+        p.validate(&self.cfg)?;
+        let idx = *self
+            .peers
+            .get(&p.address)
+            .ok_or(SpeakerError::NoSuchPeer(p.address))?;
+        let Some(slot) = self.slots[idx as usize].as_mut() else {
+            return Err(SpeakerError::NoSuchPeer(p.address));
+        };
+        let old = slot.config.clone();
+        let mut soft = p.clone();
+        soft.import = old.import.clone();
+        soft.export = old.export.clone();
+        soft.max_prefixes = old.max_prefixes;
+        soft.description = old.description.clone();
+        if soft != old {
+            // A session parameter changed: restart this session only.
+            self.remove_peer(p.address, "configuration changed")?;
+            return self.add_peer(p);
+        }
+        let import_changed = p.import != old.import;
+        let export_changed = p.export != old.export;
+        slot.config = p.clone();
+        if export_changed {
+            if let Some(up) = slot.up.as_mut() {
+                up.export.policy = Arc::new(p.export.clone());
+                up.out.resync(&self.rib);
+            }
+        }
+        if import_changed {
+            let rr = slot.up.as_ref().map(|u| u.negotiated.peer_route_refresh);
+            match rr {
+                Some(true) => {
+                    for f in [Family::Ipv4Unicast, Family::Ipv6Unicast] {
+                        let _ = slot.cmd.send(SessionCmd::RequestRefresh(f));
+                    }
+                }
+                Some(false) => {
+                    // Without route refresh the only way to see the routes again.
+                    let _ = slot
+                        .cmd
+                        .send(SessionCmd::AutomaticStop(Notification::shutdown(
+                            cease::ADMINISTRATIVE_RESET,
+                            "import policy changed",
+                        )));
+                }
+                None => {}
+            }
+        }
+        self.check_max_prefixes(idx);
+        Ok(())
+    }
+
+    // ----- session events -----
+
+    fn event(&mut self, ev: PeerEvent) {
+        match ev {
+            PeerEvent::Up {
+                idx,
+                epoch,
+                negotiated,
+                local,
+                sink,
+            } => self.peer_up(idx, epoch, negotiated, local, sink),
+            PeerEvent::Down { idx, epoch, reason } => self.peer_down(idx, epoch, reason),
+            PeerEvent::Routes {
+                idx,
+                epoch,
+                update,
+                at,
+            } => {
+                if self
+                    .slot(idx)
+                    .is_some_and(|s| s.epoch == epoch && s.up.is_some())
+                {
+                    self.routes(idx, update);
+                    self.metrics.update_latency.observe(at.elapsed());
+                }
+            }
+            PeerEvent::RouteRefresh { idx, epoch, family } => {
+                let rib = &self.rib;
+                if let Some(s) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) {
+                    if s.epoch == epoch {
+                        if let Some(up) = s.up.as_mut() {
+                            debug!(peer = %s.config.address, ?family, "route refresh requested");
+                            up.out.resync(rib);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn peer_up(
+        &mut self,
+        idx: PeerIdx,
+        epoch: u64,
+        n: Box<Negotiated>,
+        local: SocketAddr,
+        sink: UpdateSink,
+    ) {
+        let cfg = self.cfg.clone();
+        let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        let p = &slot.config;
+        let ebgp = p.asn != cfg.asn;
+        self.rib.set_source(
+            idx,
+            Source {
+                kind: if ebgp {
+                    SourceKind::Ebgp
+                } else {
+                    SourceKind::Ibgp
+                },
+                router_id: n.peer_id,
+                addr: p.address,
+                rr_client: p.rr_client,
+            },
+        );
+        let local_ip = canonical(local.ip());
+        let self_v4 = p.next_hop_v4.or(match local_ip {
+            IpAddr::V4(a) => Some(a),
+            _ => None,
+        });
+        let self_v6 = p.next_hop_v6.or(match local_ip {
+            IpAddr::V6(a) if !a.is_unicast_link_local() => Some(a),
+            _ => None,
+        });
+        let export = ExportCtx {
+            peer: idx,
+            ebgp,
+            rr_client: p.rr_client,
+            local_asn: cfg.asn,
+            router_id: cfg.router_id,
+            cluster_id: cfg.cluster_id(),
+            next_hop: p.next_hop,
+            self_v4,
+            self_v6,
+            families: n.families,
+            extended_next_hop_v4: n.ctx.extended_next_hop.ipv4_unicast,
+            policy: Arc::new(p.export.clone()),
+        };
+        slot.epoch = epoch;
+        slot.last_gr = n.peer_graceful_restart.clone();
+        let gr = slot.gr.session_up(n.peer_graceful_restart.as_ref());
+        slot.up = Some(UpState {
+            out: AdjRibOut::new(&self.rib),
+            negotiated: n,
+            export,
+            sink,
+            eor_sent: false,
+            eor_received: Families::NONE,
+        });
+        self.apply_gr(idx, gr);
+    }
+
+    fn peer_down(&mut self, idx: PeerIdx, epoch: u64, reason: DownReason) {
+        let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        if slot.epoch != epoch {
+            return;
+        }
+        slot.up = None;
+        let gr = slot
+            .gr
+            .session_down(reason.allows_graceful_restart(), slot.last_gr.as_ref());
+        self.apply_gr(idx, gr);
+    }
+
+    fn apply_gr(&mut self, idx: PeerIdx, actions: Vec<GrAction>) {
+        for a in actions {
+            match a {
+                GrAction::MarkStale => {
+                    let n = self.rib.mark_stale(idx);
+                    info!(
+                        peer = idx,
+                        stale = n,
+                        "graceful restart: keeping routes as stale"
+                    );
+                }
+                GrAction::RemoveAll => {
+                    self.rib.remove_source(idx);
+                }
+                GrAction::Sweep(f) => {
+                    let n = self.rib.sweep_stale(idx, f);
+                    if n > 0 {
+                        info!(
+                            peer = idx,
+                            swept = n,
+                            "graceful restart: stale routes removed"
+                        );
+                    }
+                }
+                GrAction::StartTimer(d) => {
+                    let tx = self.gr_tx.clone();
+                    if let Some(s) = self.slot(idx) {
+                        s.gr_gen += 1;
+                        let gen = s.gr_gen;
+                        if let Some(t) = s.gr_timer.take() {
+                            t.abort();
+                        }
+                        s.gr_timer = Some(tokio::spawn(async move {
+                            tokio::time::sleep(d).await;
+                            let _ = tx.send((idx, gen));
+                        }));
+                    }
+                }
+                GrAction::StopTimer => {
+                    if let Some(s) = self.slot(idx) {
+                        s.gr_gen += 1;
+                        if let Some(t) = s.gr_timer.take() {
+                            t.abort();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn gr_timer(&mut self, idx: PeerIdx, gen: u64) {
+        let Some(s) = self.slot(idx) else { return };
+        if s.gr_gen != gen {
+            return;
+        }
+        let a = s.gr.timer_expired();
+        self.apply_gr(idx, a);
+    }
+
+    fn routes(&mut self, idx: PeerIdx, u: RouteUpdate) {
+        let cfg = &self.cfg;
+        let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        let ictx = ImportCtx {
+            ebgp: slot.config.asn != cfg.asn,
+            local_asn: cfg.asn,
+            router_id: cfg.router_id,
+            cluster_id: cfg.cluster_id(),
+        };
+        let families = slot
+            .up
+            .as_ref()
+            .map(|u| u.negotiated.families)
+            .unwrap_or(Families::NONE);
+        let policy = &slot.config.import;
+        let plain =
+            policy.rules.is_empty() && policy.default == crate::rib::policy::Verdict::Accept;
+        for p in &u.withdrawn {
+            self.rib.update(idx, *p, None);
+        }
+        for (attrs, prefixes) in &u.announced {
+            let ok = import_check(&ictx, attrs).is_ok();
+            let mut cache: HashMap<Outcome, Option<Arc<PathAttrs>>> = HashMap::new();
+            for p in prefixes {
+                let a = if !ok || !families.contains(p.family()) {
+                    None
+                } else if plain {
+                    Some(attrs.clone())
+                } else {
+                    let o = policy.evaluate(p, attrs);
+                    cache
+                        .entry(o)
+                        .or_insert_with(|| policy.apply(o, attrs))
+                        .clone()
+                };
+                self.rib.update(idx, *p, a);
+            }
+        }
+        if let Some(f) = u.end_of_rib {
+            debug!(peer = idx, ?f, "End-of-RIB received");
+            if let Some(up) = slot.up.as_mut() {
+                up.eor_received.insert(f);
+            }
+            let a = slot.gr.end_of_rib(f);
+            self.apply_gr(idx, a);
+            self.check_deferral();
+        }
+        self.check_max_prefixes(idx);
+    }
+
+    fn check_max_prefixes(&mut self, idx: PeerIdx) {
+        let count = self.rib.count(idx);
+        let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        let Some(max) = slot.config.max_prefixes else {
+            return;
+        };
+        if count as u64 > u64::from(max) && slot.up.is_some() {
+            warn!(peer = %slot.config.address, count, max, "maximum prefix limit exceeded; closing the session");
+            // RFC 4486 §4: AFI, SAFI and the upper bound.
+            let mut data = vec![0, 1, 1];
+            data.extend_from_slice(&max.to_be_bytes());
+            let _ = slot.cmd.send(SessionCmd::AutomaticStop(Notification::error(
+                margay_bgp_wire::code::CEASE,
+                cease::MAX_PREFIXES,
+                data,
+            )));
+            // Nothing more from this session counts.
+            slot.up = None;
+            slot.epoch = u64::MAX;
+            self.rib.remove_source(idx);
+        }
+    }
+
+    fn check_deferral(&mut self) {
+        let Some(deadline) = self.deferral else {
+            return;
+        };
+        let all_in = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.config.shutdown)
+            .all(|s| match &s.up {
+                Some(up) => {
+                    up.negotiated.peer_graceful_restart.is_none() || {
+                        let f = up.negotiated.families;
+                        (!f.ipv4_unicast || up.eor_received.ipv4_unicast)
+                            && (!f.ipv6_unicast || up.eor_received.ipv6_unicast)
+                    }
+                }
+                None => false,
+            });
+        if all_in || Instant::now() >= deadline {
+            info!(
+                all_peers_sent_end_of_rib = all_in,
+                "restart deferral over; advertising"
+            );
+            self.deferral = None;
+        }
+    }
+
+    // ----- output -----
+
+    fn pump(&mut self) {
+        if self.deferral.is_none() {
+            for i in 0..self.slots.len() {
+                self.pump_peer(i);
+            }
+        }
+        self.pump_subscriber();
+        self.trim();
+    }
+
+    fn pump_peer(&mut self, i: usize) {
+        let rib = &self.rib;
+        let Some(slot) = self.slots[i].as_mut() else {
+            return;
+        };
+        let Some(up) = slot.up.as_mut() else { return };
+        while !up.out.is_synced(rib) {
+            if !up.sink.has_room() {
+                up.sink.want_wakeup();
+                // The writer may have drained between the check and the flag.
+                if !up.sink.has_room() {
+                    return;
+                }
+            }
+            let batch = collect(rib, &mut up.out, &up.export, FILL_BUDGET);
+            let mut buf = BytesMut::with_capacity(64 << 10);
+            if let Err(e) = encode(&batch, &up.negotiated.ctx, &mut buf) {
+                warn!(peer = %slot.config.address, error = %e, "cannot encode UPDATE; skipped");
+            }
+            if batch.walk_done && !up.eor_sent {
+                up.eor_sent = true;
+                for f in [Family::Ipv4Unicast, Family::Ipv6Unicast] {
+                    if up.negotiated.families.contains(f) {
+                        let _ = Message::Update(Update::end_of_rib(f))
+                            .encode(&up.negotiated.ctx, &mut buf);
+                    }
+                }
+            }
+            if !buf.is_empty() && !up.sink.send(buf.freeze()) {
+                return;
+            }
+        }
+    }
+
+    fn pump_subscriber(&mut self) {
+        let Some(sub) = self.subscriber.as_mut() else {
+            return;
+        };
+        if sub.tx.is_closed() {
+            self.subscriber = None;
+            return;
+        }
+        if sub.cursor < self.rib.tail() {
+            sub.walk = Some(0);
+            sub.cursor = self.rib.head();
+        }
+        loop {
+            let done = sub.walk.is_none() && sub.cursor >= self.rib.head();
+            if done {
+                return;
+            }
+            let Ok(permit) = sub.tx.try_reserve() else {
+                return;
+            };
+            let mut batch = Vec::new();
+            if let Some(mut w) = sub.walk {
+                while (w as usize) < self.rib.len() && batch.len() < FILL_BUDGET {
+                    let e = self.rib.entry(w);
+                    if e.best().is_some() {
+                        batch.push(best_change(&self.rib, e));
+                    }
+                    w += 1;
+                }
+                sub.walk = ((w as usize) < self.rib.len()).then_some(w);
+            }
+            if sub.walk.is_none() {
+                while sub.cursor < self.rib.head() && batch.len() < FILL_BUDGET {
+                    if let Some(id) = self.rib.journal_at(sub.cursor) {
+                        batch.push(best_change(&self.rib, self.rib.entry(id)));
+                    }
+                    sub.cursor += 1;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            permit.send(batch);
+        }
+    }
+
+    fn trim(&mut self) {
+        let head = self.rib.head();
+        let mut min = head;
+        for s in self.slots.iter().flatten() {
+            if let Some(up) = &s.up {
+                min = min.min(up.out.cursor());
+            }
+        }
+        if let Some(sub) = &self.subscriber {
+            min = min.min(sub.cursor);
+        }
+        let floor = head.saturating_sub(JOURNAL_LIMIT.max(2 * self.rib.len() as u64));
+        self.rib.trim_journal(min.max(floor));
+    }
+
+    // ----- status -----
+
+    fn peer_status(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<PeerStatus> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as PeerIdx, s)))
+            .map(|(idx, s)| {
+                let st = s.status.lock().map(|g| g.clone()).unwrap_or_default();
+                let neg = st.negotiated.as_ref();
+                let mut families = Vec::new();
+                if let Some(n) = neg {
+                    if n.ipv4_unicast {
+                        families.push("ipv4-unicast".to_owned());
+                    }
+                    if n.ipv6_unicast {
+                        families.push("ipv6-unicast".to_owned());
+                    }
+                }
+                PeerStatus {
+                    address: s.config.address,
+                    asn: s.config.asn,
+                    description: s.config.description.clone(),
+                    ebgp: s.config.asn != self.cfg.asn,
+                    rr_client: s.config.rr_client,
+                    state: st.state.to_string(),
+                    since: st
+                        .since
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    last_error: st.last_error.clone(),
+                    router_id: neg.map(|n| n.peer_id.to_string()),
+                    local_address: st.local.map(|l| l.ip().to_string()),
+                    hold_time: neg.map(|n| n.hold_time),
+                    families,
+                    graceful_restart: neg.is_some_and(|n| n.graceful_restart),
+                    four_octet_as: neg.is_some_and(|n| n.four_octet_as),
+                    prefixes_received: s.stats.updates_received_prefixes.load(Ordering::Relaxed),
+                    prefixes_accepted: self.rib.count(idx),
+                    prefixes_advertised: s.up.as_ref().map(|u| u.out.count()).unwrap_or(0),
+                    prefixes_stale: if s.gr.is_active() {
+                        self.rib.stale_count(idx)
+                    } else {
+                        0
+                    },
+                    messages_received: MessageCounts::of(&s.stats.received),
+                    messages_sent: MessageCounts::of(&s.stats.sent),
+                }
+            })
+            .collect();
+        v.sort_by_key(|p| p.address);
+        v
+    }
+
+    fn route_status(&self, filter: Option<Prefix>) -> Vec<RouteStatus> {
+        let show = |e: &crate::rib::Entry| RouteStatus {
+            prefix: e.prefix.to_string(),
+            paths: e
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let a = &p.attrs;
+                    PathStatus {
+                        best: i == 0,
+                        multipath: i < usize::from(e.multipath),
+                        from: if p.source == LOCAL {
+                            "local".to_owned()
+                        } else {
+                            self.rib
+                                .source(p.source)
+                                .map(|s| s.addr.to_string())
+                                .unwrap_or_else(|| "?".into())
+                        },
+                        next_hop: a.next_hop.as_ref().map(|n| next_hop_addr(n).to_string()),
+                        as_path: a.as_path.to_string(),
+                        origin: format!("{:?}", a.origin).to_uppercase(),
+                        local_pref: a.local_pref,
+                        med: a.med,
+                        communities: a
+                            .communities
+                            .iter()
+                            .map(|c| CommunityText(*c).to_string())
+                            .collect(),
+                        large_communities: a
+                            .large_communities
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                        originator_id: a.originator_id.map(|o| o.to_string()),
+                        cluster_list: a.cluster_list.iter().map(|c| c.to_string()).collect(),
+                        stale: p.stale,
+                    }
+                })
+                .collect(),
+        };
+        match filter {
+            Some(p) => self
+                .rib
+                .get(&p)
+                .filter(|e| !e.paths.is_empty())
+                .map(show)
+                .into_iter()
+                .collect(),
+            None => {
+                let mut v: Vec<(Prefix, RouteStatus)> = self
+                    .rib
+                    .entries()
+                    .filter(|(_, e)| !e.paths.is_empty())
+                    .map(|(_, e)| (e.prefix, show(e)))
+                    .collect();
+                v.sort_by_key(|a| a.0);
+                v.into_iter().map(|x| x.1).collect()
+            }
+        }
+    }
+}
+
+fn best_change(rib: &Rib, e: &crate::rib::Entry) -> BestRouteChange {
+    let best = e.best().map(|b| {
+        let origin = if b.source == LOCAL {
+            RouteOrigin::Local
+        } else {
+            let s = rib.source(b.source);
+            RouteOrigin::Peer {
+                address: s
+                    .map(|s| s.addr)
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                ebgp: s.is_some_and(|s| s.kind == SourceKind::Ebgp),
+            }
+        };
+        let next_hops = if b.source == LOCAL {
+            Vec::new()
+        } else {
+            let mut v: Vec<IpAddr> = e
+                .multipath_set()
+                .iter()
+                .filter_map(|p| p.attrs.next_hop.as_ref().map(next_hop_addr))
+                .collect();
+            v.dedup();
+            v
+        };
+        BestRoute {
+            next_hops,
+            attrs: b.attrs.clone(),
+            origin,
+        }
+    });
+    BestRouteChange {
+        prefix: e.prefix,
+        best,
+    }
+}
+
+/// Seconds since the Unix epoch, for status output.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,296 @@
+//! Speakers talking to each other over loopback addresses (127.0.0.0/8 needs no
+//! privileges): sessions form, routes flow, reflection keeps the next hop, limits
+//! and refreshes work. Ports are picked per test so tests can run in parallel.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use margay_bgp::wire::{AsPath, NextHop, Prefix};
+use margay_bgp::{
+    BestRouteChange, BestRouteStream, ConnectMode, PathAttrs, PeerConfig, Speaker, SpeakerConfig,
+    SpeakerHandle,
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ip(last: u8, net: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 77, net, last))
+}
+
+async fn speaker(asn: u32, addr: IpAddr, port: u16) -> (SpeakerHandle, BestRouteStream) {
+    let IpAddr::V4(id) = addr else { unreachable!() };
+    let mut c = SpeakerConfig::new(asn, id);
+    c.listen = vec![SocketAddr::new(addr, port)];
+    Speaker::start(c).await.unwrap()
+}
+
+fn peer(addr: IpAddr, asn: u32, port: u16, local: IpAddr) -> PeerConfig {
+    let mut p = PeerConfig::new(addr, asn);
+    p.port = port;
+    p.local_address = Some(local);
+    p.connect_retry = 1;
+    p.hold_time = 9;
+    p.multihop = Some(2);
+    p
+}
+
+async fn wait_for(
+    stream: &mut BestRouteStream,
+    what: &str,
+    mut pred: impl FnMut(&BestRouteChange) -> bool,
+) -> BestRouteChange {
+    let fut = async {
+        loop {
+            let batch = stream.recv().await.expect("speaker stopped");
+            if let Some(c) = batch.into_iter().find(|c| pred(c)) {
+                return c;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+async fn wait_state(h: &SpeakerHandle, addr: IpAddr, state: &str) {
+    for _ in 0..150 {
+        let ps = h.peers().await.unwrap();
+        if ps.iter().any(|p| p.address == addr && p.state == state) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "peer {addr} never reached {state}: {:?}",
+        h.peers().await.unwrap()
+    );
+}
+
+fn pfx(s: &str) -> Prefix {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn ebgp_session_carries_routes_both_ways_and_withdrawals() {
+    let (a_ip, b_ip) = (ip(1, 1), ip(2, 1));
+    let port = free_port();
+    let (a, mut a_best) = speaker(65001, a_ip, port).await;
+    let (b, mut b_best) = speaker(65002, b_ip, port).await;
+    a.add_peer(peer(b_ip, 65002, port, a_ip)).await.unwrap();
+    b.add_peer(peer(a_ip, 65001, port, b_ip)).await.unwrap();
+    a.announce(pfx("10.1.0.0/24"), PathAttrs::default())
+        .unwrap();
+    b.announce(pfx("10.2.0.0/24"), PathAttrs::default())
+        .unwrap();
+    let got = wait_for(&mut b_best, "10.1.0.0/24 at b", |c| {
+        c.prefix == pfx("10.1.0.0/24") && c.best.is_some()
+    })
+    .await;
+    let best = got.best.unwrap();
+    assert_eq!(best.next_hops, vec![a_ip], "eBGP next hop is the sender");
+    assert_eq!(best.attrs.as_path, AsPath::sequence([65001]));
+    wait_for(&mut a_best, "10.2.0.0/24 at a", |c| {
+        c.prefix == pfx("10.2.0.0/24") && c.best.is_some()
+    })
+    .await;
+    wait_state(&a, b_ip, "Established").await;
+    a.withdraw(pfx("10.1.0.0/24")).unwrap();
+    wait_for(&mut b_best, "withdrawal at b", |c| {
+        c.prefix == pfx("10.1.0.0/24") && c.best.is_none()
+    })
+    .await;
+    let st = b.peers().await.unwrap();
+    assert_eq!(st[0].prefixes_accepted, 0);
+    assert!(st[0].messages_received.update >= 2);
+    a.shutdown("test over").await.unwrap();
+    // b sees the administrative shutdown with its message.
+    for _ in 0..50 {
+        let p = &b.peers().await.unwrap()[0];
+        if let Some(e) = &p.last_error {
+            assert!(e.contains("test over"), "{e}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("b never saw the shutdown");
+}
+
+#[tokio::test]
+async fn route_reflector_reflects_between_clients_keeping_the_next_hop() {
+    let (rr_ip, c1_ip, c2_ip) = (ip(1, 2), ip(2, 2), ip(3, 2));
+    let port = free_port();
+    let (rr, _rr_best) = speaker(65000, rr_ip, port).await;
+    let (c1, _c1_best) = speaker(65000, c1_ip, port).await;
+    let (c2, mut c2_best) = speaker(65000, c2_ip, port).await;
+    for c in [c1_ip, c2_ip] {
+        let mut p = peer(c, 65000, port, rr_ip);
+        p.rr_client = true;
+        p.mode = ConnectMode::Passive;
+        rr.add_peer(p).await.unwrap();
+    }
+    c1.add_peer(peer(rr_ip, 65000, port, c1_ip)).await.unwrap();
+    c2.add_peer(peer(rr_ip, 65000, port, c2_ip)).await.unwrap();
+    let nh = Ipv4Addr::new(192, 0, 2, 11);
+    c1.announce(
+        pfx("10.11.0.0/24"),
+        PathAttrs {
+            next_hop: Some(NextHop::V4(nh)),
+            ..PathAttrs::default()
+        },
+    )
+    .unwrap();
+    let got = wait_for(&mut c2_best, "reflected route", |c| {
+        c.prefix == pfx("10.11.0.0/24") && c.best.is_some()
+    })
+    .await
+    .best
+    .unwrap();
+    assert_eq!(got.next_hops, vec![IpAddr::V4(nh)]);
+    let IpAddr::V4(c1_id) = c1_ip else {
+        unreachable!()
+    };
+    let IpAddr::V4(rr_id) = rr_ip else {
+        unreachable!()
+    };
+    assert_eq!(got.attrs.originator_id, Some(c1_id));
+    assert_eq!(got.attrs.cluster_list, vec![rr_id]);
+}
+
+#[tokio::test]
+async fn max_prefix_tears_the_session_down_with_cease_1() {
+    let (a_ip, b_ip) = (ip(1, 3), ip(2, 3));
+    let port = free_port();
+    let (a, _ab) = speaker(65001, a_ip, port).await;
+    let (b, _bb) = speaker(65002, b_ip, port).await;
+    let mut pa = peer(b_ip, 65002, port, a_ip);
+    pa.idle_hold_time = Some(30);
+    a.add_peer(pa).await.unwrap();
+    let mut pb = peer(a_ip, 65001, port, b_ip);
+    pb.max_prefixes = Some(5);
+    pb.idle_hold_time = Some(30);
+    b.add_peer(pb).await.unwrap();
+    wait_state(&b, a_ip, "Established").await;
+    for i in 0..10u8 {
+        a.announce(pfx(&format!("10.3.{i}.0/24")), PathAttrs::default())
+            .unwrap();
+    }
+    for _ in 0..100 {
+        let p = &a.peers().await.unwrap()[0];
+        if p.state != "Established" {
+            let e = p.last_error.clone().unwrap_or_default();
+            assert!(e.contains("NOTIFICATION 6/1"), "{e}");
+            assert_eq!(b.peers().await.unwrap()[0].prefixes_accepted, 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("session stayed up past the limit");
+}
+
+#[tokio::test]
+async fn export_policy_change_applies_without_reset_and_refresh_resends() {
+    let (a_ip, b_ip) = (ip(1, 4), ip(2, 4));
+    let port = free_port();
+    let (a, _ab) = speaker(65001, a_ip, port).await;
+    let (b, mut b_best) = speaker(65002, b_ip, port).await;
+    let pa = peer(b_ip, 65002, port, a_ip);
+    a.add_peer(pa.clone()).await.unwrap();
+    b.add_peer(peer(a_ip, 65001, port, b_ip)).await.unwrap();
+    a.announce(pfx("10.4.1.0/24"), PathAttrs::default())
+        .unwrap();
+    a.announce(pfx("10.4.2.0/24"), PathAttrs::default())
+        .unwrap();
+    wait_for(&mut b_best, "both", |c| c.prefix == pfx("10.4.2.0/24")).await;
+    wait_state(&a, b_ip, "Established").await;
+    let since = a.peers().await.unwrap()[0].since;
+    let mut pa2 = pa.clone();
+    pa2.export = serde_yaml::from_str(
+        "rules: [{ match: { prefixes: [{ prefix: 10.4.1.0/24 }] }, action: reject }]",
+    )
+    .unwrap();
+    a.update_peer(pa2).await.unwrap();
+    wait_for(&mut b_best, "policy withdrawal", |c| {
+        c.prefix == pfx("10.4.1.0/24") && c.best.is_none()
+    })
+    .await;
+    assert_eq!(
+        a.peers().await.unwrap()[0].since,
+        since,
+        "session was not reset"
+    );
+    // Route refresh: b asks a to resend; a's counters show the refresh.
+    b.request_refresh(a_ip).await.unwrap();
+    for _ in 0..50 {
+        if a.peers().await.unwrap()[0].messages_received.route_refresh >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("ROUTE-REFRESH never arrived");
+}
+
+/// RFC 9687: a peer that completes the handshake and then stops reading is detected
+/// by the send hold timer, and the session is closed with error code 8.
+#[tokio::test]
+async fn send_hold_timer_closes_a_session_whose_peer_stopped_reading() {
+    use margay_bgp::wire::{Context, Message, Open};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (a_ip, b_ip) = (ip(1, 5), ip(2, 5));
+    let port = free_port();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(SocketAddr::new(b_ip, port)).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let (a, _ab) = speaker(65001, a_ip, free_port()).await;
+    let mut p = peer(b_ip, 65002, port, a_ip);
+    p.mode = ConnectMode::Active;
+    p.send_hold_time = Some(2);
+    p.hold_time = 0; // no hold timer: only the send hold timer can end this session
+    a.add_peer(p).await.unwrap();
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = [0u8; 4096];
+    let _ = s.read(&mut buf).await.unwrap();
+    let ctx = Context::default();
+    let IpAddr::V4(bid) = b_ip else {
+        unreachable!()
+    };
+    s.write_all(
+        &Message::Open(Open::new(65002, 0, bid, vec![]))
+            .to_bytes(&ctx)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&Message::Keepalive.to_bytes(&ctx).unwrap())
+        .await
+        .unwrap();
+    wait_state(&a, b_ip, "Established").await;
+    // Distinct attributes per prefix: one UPDATE each, megabytes in all.
+    for i in 0..60_000u32 {
+        let pre =
+            Prefix::new_masked(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), 24).unwrap();
+        let attrs = PathAttrs {
+            med: Some(i),
+            ..PathAttrs::default()
+        };
+        a.announce(pre, attrs).unwrap();
+    }
+    for _ in 0..200 {
+        let p = &a.peers().await.unwrap()[0];
+        if p.state != "Established" {
+            let e = p.last_error.clone().unwrap_or_default();
+            assert!(e.contains("NOTIFICATION 8/0"), "{e}");
+            drop(s);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the session stayed up although the peer stopped reading");
+}
