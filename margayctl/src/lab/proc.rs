@@ -192,17 +192,10 @@ pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs `f` on a thread that has entered the namespace `ns`, and returns its result.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || -> Result<T> {
-        let fd = File::open(&path).with_context(|| format!("opening {path}"))?;
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {path}"))?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("a thread in {ns} panicked"))?
+/// Runs `f` on a thread that has entered the lab namespace `ns`, and returns its result.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = PathBuf::from(format!("/var/run/netns/{ns}"));
+    margay_kernel::netns::run_in(&path, f).map_err(Into::into)
 }
 
 /// Moves the calling thread into namespace `ns` for good. Sockets it opens afterwards (and
