@@ -17,6 +17,9 @@ use std::net::IpAddr;
 /// Kubernetes' limit for object names (DNS subdomain).
 pub const MAX_NAME_LEN: usize = 253;
 
+/// How much of a readable name a hashed name keeps: the limit less a dash and 16 hex digits.
+const HASHED_PREFIX_ROOM: usize = MAX_NAME_LEN - 16 - 1;
+
 /// The name of the IPAMBlock for `cidr`.
 pub fn block_name(cidr: &IpNet) -> String {
     let cidr = cidr.trunc();
@@ -39,6 +42,49 @@ pub fn affinity_name(node: &str, cidr: &IpNet) -> String {
         node.to_ascii_lowercase(),
         block_name(cidr)
     ))
+}
+
+/// The CIDR a block name stands for: the inverse of [`block_name`]. `None` for a name that
+/// `block_name` would not have made.
+pub fn parse_block_name(name: &str) -> Option<IpNet> {
+    let parts: Vec<&str> = name.split('-').collect();
+    let (len, addr): (u8, IpAddr) = match parts.as_slice() {
+        [a, b, c, d, len] => {
+            let o: Vec<u8> = [a, b, c, d]
+                .iter()
+                .map(|p| p.parse().ok())
+                .collect::<Option<_>>()?;
+            (len.parse().ok()?, IpAddr::from([o[0], o[1], o[2], o[3]]))
+        }
+        [groups @ .., len] if groups.len() == 8 => {
+            let mut seg = [0u16; 8];
+            for (s, g) in seg.iter_mut().zip(groups) {
+                if g.len() != 4 {
+                    return None;
+                }
+                *s = u16::from_str_radix(g, 16).ok()?;
+            }
+            (len.parse().ok()?, IpAddr::from(seg))
+        }
+        _ => return None,
+    };
+    let net = IpNet::new(addr, len).ok()?;
+    (block_name(&net) == name).then_some(net)
+}
+
+/// What every [`affinity_name`] of `node` starts with, to list one node's affinities by name
+/// prefix. Other nodes' affinities can share it (node `a` and node `a-b`), so a caller still
+/// checks each affinity's node.
+pub fn affinity_prefix(node: &str) -> String {
+    let full = format!("{}-", node.to_ascii_lowercase());
+    if full.len() <= HASHED_PREFIX_ROOM {
+        full
+    } else {
+        let prefix: String = full.chars().take(HASHED_PREFIX_ROOM).collect();
+        prefix
+            .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+            .to_owned()
+    }
 }
 
 /// The name of the IPAMHandle object for a handle ID such as `k8s-pod-network.<containerID>`.
@@ -102,7 +148,7 @@ fn bounded(name: &str) -> String {
 fn with_hash(readable: &str, identity: &str) -> String {
     let digest = Sha256::digest(identity.as_bytes());
     let hash = hex::encode(&digest[..8]);
-    let room = MAX_NAME_LEN - hash.len() - 1;
+    let room = HASHED_PREFIX_ROOM;
     let prefix: String = readable.chars().take(room).collect();
     let prefix = prefix.trim_matches(|c: char| !c.is_ascii_alphanumeric());
     if prefix.is_empty() {
@@ -195,5 +241,54 @@ mod tests {
             workload_name("node-1", "default", "web", "eth0"),
             "node--1-k8s-default-web-eth0"
         );
+    }
+
+    #[test]
+    fn block_names_parse_back_to_their_cidr_and_nothing_else_parses() {
+        for c in [
+            "10.0.1.64/26",
+            "0.0.0.0/32",
+            "255.255.255.252/30",
+            "fd00::40/122",
+            "fd00:1:2:3:4:5:6:0/128",
+        ] {
+            assert_eq!(parse_block_name(&block_name(&net(c))), Some(net(c)), "{c}");
+        }
+        for bad in [
+            "",
+            "10-0-1-64",
+            "10-0-1-64-33",
+            "10-0-1-064-26",
+            "010-0-1-64-26",
+            "10-0-1-65-26",
+            "fd00-0-0-0-0-0-0-40-122",
+            "fd00-0000-0000-0000-0000-0000-0000-0040-129",
+            "node-a-10-0-1-64-26",
+            "10-0-1-64-26-x",
+        ] {
+            assert_eq!(parse_block_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_affinity_name_of_a_node_starts_with_its_prefix() {
+        for len in [1, 20, 200, 215, 226, 234, 235, 236, 237, 240, 252, 253] {
+            let node: String = "n".repeat(len);
+            let node_dotted = format!("{}.{}", "a".repeat(len / 2), "b".repeat(len - len / 2));
+            for node in [node, node_dotted] {
+                let p = affinity_prefix(&node);
+                for c in ["10.0.0.0/26", "fd00::/122", "192.168.255.0/32"] {
+                    let name = affinity_name(&node, &net(c));
+                    assert!(
+                        name.starts_with(&p),
+                        "node of {} chars: {name} does not start with {p}",
+                        node.len()
+                    );
+                }
+            }
+        }
+        assert_eq!(affinity_prefix("Node-1"), "node-1-");
+        // Why callers check each affinity's node: `a-b`'s names carry `a`'s prefix.
+        assert!(affinity_name("a-b", &net("10.0.0.0/26")).starts_with(&affinity_prefix("a")));
     }
 }

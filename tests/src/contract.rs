@@ -14,7 +14,7 @@ use margay_api::store::memory::MemoryBackend;
 use margay_api::store::MAX_COMMIT_WRITES;
 use margay_api::{
     Backend, Commit, Condition, IPAMHandle, IPAMHandleSpec, IPPool, IPPoolSpec, IPPoolStatus, Kind,
-    Revision, Store, StoreError, WatchEvent,
+    Node, Reads, Revision, Store, StoreError, WatchEvent,
 };
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -186,6 +186,7 @@ macro_rules! contract_tests {
             a_commit_is_seen_by_watches_at_one_revision,
             concurrent_commits_on_overlapping_objects_never_both_succeed,
             a_commit_carries_up_to_its_limit_of_writes,
+            prefix_listings_names_and_read_batches,
         );
     };
     (@cases $start:path; $($case:ident),* $(,)?) => {
@@ -1125,4 +1126,75 @@ pub async fn a_commit_carries_up_to_its_limit_of_writes(t: &dyn ContractTarget) 
         MAX_COMMIT_WRITES,
         "a refused commit writes nothing"
     );
+}
+
+/// `list_prefix` returns exactly the names with the prefix; `list_names` every name without
+/// the objects; a batch of reads returns each result in order, absent objects as `None`, and
+/// refuses to hand a result out as the wrong kind or twice.
+pub async fn prefix_listings_names_and_read_batches(t: &dyn ContractTarget) {
+    let store = t.store();
+    for (n, cidr) in [
+        ("node-a-1", "10.1.0.0/16"),
+        ("node-a-2", "10.2.0.0/16"),
+        ("node-ab-1", "10.3.0.0/16"),
+        ("other", "10.4.0.0/16"),
+    ] {
+        store.create(&pool(n, cidr)).await.unwrap();
+    }
+    let h = store.create(&handle("h1")).await.unwrap();
+
+    let (items, list_rev) = store.list_prefix::<IPPool>("node-a-").await.unwrap();
+    let names: Vec<String> = items.iter().map(name).collect();
+    assert_eq!(
+        names,
+        ["node-a-1", "node-a-2"],
+        "only the prefix, in name order"
+    );
+    assert!(
+        list_rev >= rev(&h),
+        "a prefix listing is at the current revision"
+    );
+    let (none, _) = store.list_prefix::<IPPool>("zzz").await.unwrap();
+    assert!(none.is_empty(), "no name has the prefix: {none:?}");
+
+    let mut all = store.list_names::<IPPool>().await.unwrap();
+    all.sort();
+    assert_eq!(all, ["node-a-1", "node-a-2", "node-ab-1", "other"]);
+    assert_eq!(store.list_names::<IPAMHandle>().await.unwrap(), ["h1"]);
+
+    let mut set = store
+        .read(
+            Reads::new()
+                .list_prefix::<IPPool>("node-a")
+                .get::<IPPool>("other")
+                .get::<IPPool>("missing")
+                .list::<IPAMHandle>()
+                .get::<Node>("no-such-node"),
+        )
+        .await
+        .unwrap();
+    let (pools, batch_rev) = set.list::<IPPool>(0).unwrap();
+    let names: Vec<String> = pools.iter().map(name).collect();
+    assert_eq!(names, ["node-a-1", "node-a-2", "node-ab-1"]);
+    assert!(batch_rev >= rev(&h));
+    let other = set.get::<IPPool>(1).unwrap().expect("other exists");
+    assert_eq!(other.spec.cidr, "10.4.0.0/16");
+    assert_eq!(
+        other.status, None,
+        "what a batch reads is what get reads: a create stores no status"
+    );
+    assert_eq!(other, store.get::<IPPool>("other").await.unwrap());
+    assert_eq!(set.get::<IPPool>(2).unwrap(), None, "absent is None");
+    let (handles, _) = set.list::<IPAMHandle>(3).unwrap();
+    assert_eq!(handles, vec![h]);
+    assert!(
+        set.get::<IPPool>(4).is_err(),
+        "a Node read is not handed out as an IPPool"
+    );
+    assert_eq!(set.get::<Node>(4).unwrap(), None);
+    assert!(set.get::<Node>(4).is_err(), "a result is taken once");
+    assert!(set.list::<IPPool>(9).is_err(), "no such read");
+
+    let empty = store.read(Reads::new()).await.unwrap();
+    drop(empty);
 }

@@ -97,6 +97,41 @@ async fn prefixes_isolate_stores_on_one_etcd() {
     assert_eq!(a.get::<IPPool>("p").await.unwrap().spec.cidr, "10.0.0.0/16");
 }
 
+/// A batch read whose listing is longer than one page finishes it with paged reads at the
+/// batch's revision: nothing missing, nothing written after the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_longer_than_a_page_is_completed_at_its_revision() {
+    let etcd = etcd().await;
+    let mut cfg = etcd.config("/paged/");
+    cfg.page_size = 3;
+    let backend = EtcdBackend::connect(cfg).await.unwrap();
+    let store = Store::new(Arc::new(backend));
+    for i in 0..10 {
+        store.create(&handle(&format!("n-{i:02}"))).await.unwrap();
+    }
+    store.create(&handle("m-00")).await.unwrap();
+    let mut set = store
+        .read(
+            margay_api::Reads::new()
+                .list_prefix::<IPAMHandle>("n-")
+                .get::<IPAMHandle>("m-00"),
+        )
+        .await
+        .unwrap();
+    let (items, revision) = set.list::<IPAMHandle>(0).unwrap();
+    let names: Vec<String> = items
+        .iter()
+        .filter_map(|h| h.metadata.name.clone())
+        .collect();
+    let want: Vec<String> = (0..10).map(|i| format!("n-{i:02}")).collect();
+    assert_eq!(names, want, "every page of the prefix, once, in order");
+    assert!(set.get::<IPAMHandle>(1).unwrap().is_some());
+    assert_eq!(revision, etcd.revision().await.unwrap());
+    let mut names = store.list_names::<IPAMHandle>().await.unwrap();
+    names.sort();
+    assert_eq!(names.len(), 11, "keys-only listing pages too: {names:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_50k_object_list_is_read_in_pages_at_one_revision() {
     const OBJECTS: usize = 50_000;

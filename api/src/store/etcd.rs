@@ -35,7 +35,7 @@
 
 use super::{
     check_commit, merge_status, merge_update, normalise_for_storage, stamp, Backend, Kind,
-    RawEvent, RawList, RawObject, RawWatch, RawWrite, Revision, StoreError,
+    RawEvent, RawList, RawObject, RawRead, RawReadResult, RawWatch, RawWrite, Revision, StoreError,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
@@ -354,6 +354,97 @@ impl EtcdBackend {
         }
     }
 
+    /// Every key of `kind` whose name starts with `name_prefix`, page by page at one
+    /// revision: names with their objects (`None` with `keys_only`), and that revision. A
+    /// page read at the listing's revision can meet a compaction that happened meanwhile;
+    /// the listing starts over at a fresh revision a few times before giving up.
+    async fn scan(
+        &self,
+        kind: Kind,
+        name_prefix: &str,
+        keys_only: bool,
+    ) -> Result<(Vec<(String, Option<RawObject>)>, Revision), StoreError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.scan_from(kind, name_prefix, keys_only, 0, None).await {
+                Err(e) if is_compacted(&e) && attempts < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// The rest of a listing at `revision`, after the key `after`.
+    async fn scan_at(
+        &self,
+        kind: Kind,
+        name_prefix: &str,
+        keys_only: bool,
+        revision: Revision,
+        after: Option<Vec<u8>>,
+    ) -> Result<Vec<(String, Option<RawObject>)>, StoreError> {
+        Ok(self
+            .scan_from(kind, name_prefix, keys_only, revision, after)
+            .await?
+            .0)
+    }
+
+    async fn scan_from(
+        &self,
+        kind: Kind,
+        name_prefix: &str,
+        keys_only: bool,
+        revision: Revision,
+        after: Option<Vec<u8>>,
+    ) -> Result<(Vec<(String, Option<RawObject>)>, Revision), StoreError> {
+        let kind_prefix = self.kind_prefix(kind);
+        let prefix = format!("{kind_prefix}{name_prefix}");
+        let end = range_end(prefix.as_bytes());
+        let page = i64::from(self.inner.config.page_size);
+        let mut items = Vec::new();
+        let mut revision = to_i64(revision)?;
+        let mut start = match after {
+            Some(mut k) => {
+                k.push(0);
+                k
+            }
+            None => prefix.into_bytes(),
+        };
+        loop {
+            let mut kv = self.inner.client.kv_client();
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
+            let key = start.clone();
+            let resp = self
+                .call("list", async move { kv.get(key, Some(opts)).await })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in resp.kvs() {
+                let name = String::from_utf8_lossy(&kv.key()[kind_prefix.len()..]).into_owned();
+                let obj = if keys_only {
+                    None
+                } else {
+                    Some(self.decode(kind, &name, kv)?)
+                };
+                items.push((name, obj));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok((items, revision.max(0) as Revision)),
+            }
+        }
+    }
+
     async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
         let mut kv = self.inner.client.kv_client();
         self.call(what, async move { kv.txn(txn).await }).await
@@ -495,7 +586,7 @@ impl EtcdBackend {
     /// One transaction for all of `writes`; see the module documentation.
     async fn commit_txn(
         &self,
-        writes: Vec<RawWrite>,
+        mut writes: Vec<RawWrite>,
     ) -> Result<Vec<Option<RawObject>>, StoreError> {
         check_commit(BACKEND, &writes)?;
         if writes.is_empty() {
@@ -506,14 +597,17 @@ impl EtcdBackend {
         let mut reads = Vec::with_capacity(writes.len());
         // What each write leaves: the value written (`None` for a delete).
         let mut written: Vec<Option<Value>> = Vec::with_capacity(writes.len());
-        for w in &writes {
-            let (kind, name) = (w.kind(), w.name());
+        // The values move into the transaction; what stays of `writes` (kinds, names,
+        // expected revisions) is what `commit_failed` reads.
+        for w in writes.iter_mut() {
+            let (kind, name) = (w.kind(), w.name().to_owned());
+            let name = name.as_str();
             self.check_name(kind, name)?;
             let key = self.key(kind, name);
             reads.push(TxnOp::get(key.clone(), None));
             match w {
                 RawWrite::Create { value, .. } => {
-                    let mut value = value.clone();
+                    let mut value = std::mem::take(value);
                     normalise_for_storage(kind, name, &mut value);
                     // A create never carries a status (see `create`).
                     if let Value::Object(map) = &mut value {
@@ -542,7 +636,7 @@ impl EtcdBackend {
                         }
                         merge_update(&stored.value, value)
                     } else {
-                        value.clone()
+                        std::mem::take(value)
                     };
                     normalise_for_storage(kind, name, &mut value);
                     compares.extend(guard(&key, *expected)?);
@@ -724,53 +818,85 @@ impl Backend for EtcdBackend {
     }
 
     async fn list(&self, kind: Kind) -> Result<RawList, StoreError> {
-        let prefix = self.kind_prefix(kind);
-        let end = range_end(prefix.as_bytes());
+        let (items, revision) = self.scan(kind, "", false).await?;
+        Ok(RawList {
+            items: items.into_iter().flat_map(|(_, o)| o).collect(),
+            revision,
+        })
+    }
+
+    async fn list_prefix(&self, kind: Kind, prefix: &str) -> Result<RawList, StoreError> {
+        let (items, revision) = self.scan(kind, prefix, false).await?;
+        Ok(RawList {
+            items: items.into_iter().flat_map(|(_, o)| o).collect(),
+            revision,
+        })
+    }
+
+    async fn list_names(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+        let (items, _) = self.scan(kind, "", true).await?;
+        Ok(items.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// One transaction of range reads, so the results share a revision. A listing longer than
+    /// a page is finished with paged reads at that same revision.
+    async fn read_batch(&self, reads: Vec<RawRead>) -> Result<Vec<RawReadResult>, StoreError> {
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
         let page = i64::from(self.inner.config.page_size);
-        // A page read at the listing's revision can meet a compaction that happened meanwhile;
-        // start over at a fresh revision a few times before giving up.
-        let mut attempts = 0;
-        'listing: loop {
-            attempts += 1;
-            let mut items = Vec::new();
-            let mut revision: i64 = 0;
-            let mut start = prefix.clone().into_bytes();
-            loop {
-                let mut kv = self.inner.client.kv_client();
-                let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
-                if revision > 0 {
-                    opts = opts.with_revision(revision);
+        let mut ops = Vec::with_capacity(reads.len());
+        for r in &reads {
+            match r {
+                RawRead::Get { kind, name } => {
+                    self.check_name(*kind, name)?;
+                    ops.push(TxnOp::get(self.key(*kind, name), None));
                 }
-                let key = start.clone();
-                let resp = match self
-                    .call("list", async move { kv.get(key, Some(opts)).await })
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) if is_compacted(&e) && attempts < 3 => continue 'listing,
-                    Err(e) => return Err(e),
-                };
-                if revision == 0 {
-                    revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-                }
-                for kv in resp.kvs() {
-                    let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-                    items.push(self.decode(kind, &name, kv)?);
-                }
-                match resp.kvs().last() {
-                    Some(last) if resp.more() => {
-                        start = last.key().to_vec();
-                        start.push(0);
-                    }
-                    _ => {
-                        return Ok(RawList {
-                            items,
-                            revision: revision.max(0) as Revision,
-                        })
-                    }
+                RawRead::List { kind, prefix } => {
+                    let start = format!("{}{prefix}", self.kind_prefix(*kind));
+                    let end = range_end(start.as_bytes());
+                    ops.push(TxnOp::get(
+                        start,
+                        Some(GetOptions::new().with_range(end).with_limit(page)),
+                    ));
                 }
             }
         }
+        let resp = self.txn("read", Txn::new().and_then(ops)).await?;
+        let revision = header_revision(resp.header());
+        let mut out = Vec::with_capacity(reads.len());
+        for (r, op) in reads.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(g) = op else {
+                return Err(StoreError::Unavailable {
+                    backend: BACKEND,
+                    message: "etcd answered a read transaction with something other than reads"
+                        .into(),
+                    source: None,
+                });
+            };
+            out.push(match r {
+                RawRead::Get { kind, name } => RawReadResult::Object(match g.kvs().first() {
+                    Some(kv) => Some(self.decode(*kind, name, kv)?),
+                    None => None,
+                }),
+                RawRead::List { kind, prefix } => {
+                    let kind_prefix = self.kind_prefix(*kind);
+                    let mut items = Vec::with_capacity(g.kvs().len());
+                    for kv in g.kvs() {
+                        let name =
+                            String::from_utf8_lossy(&kv.key()[kind_prefix.len()..]).into_owned();
+                        items.push(self.decode(*kind, &name, kv)?);
+                    }
+                    if g.more() {
+                        let after = g.kvs().last().map(|kv| kv.key().to_vec());
+                        let rest = self.scan_at(*kind, prefix, false, revision, after).await?;
+                        items.extend(rest.into_iter().flat_map(|(_, o)| o));
+                    }
+                    RawReadResult::List(RawList { items, revision })
+                }
+            });
+        }
+        Ok(out)
     }
 
     async fn create(

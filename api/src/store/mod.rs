@@ -30,7 +30,7 @@ mod typed;
 
 pub use config::DatastoreConfig;
 pub use error::StoreError;
-pub use typed::{Commit, Committed, Store, WatchEvent};
+pub use typed::{Commit, Committed, ReadSet, Reads, Store, WatchEvent};
 
 use futures::stream::BoxStream;
 use serde_json::Value;
@@ -219,6 +219,52 @@ impl RawWrite {
     }
 }
 
+/// One read of a [`Backend::read_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawRead {
+    /// One object; absence is not an error here.
+    Get { kind: Kind, name: String },
+    /// Every object of a kind whose name starts with `prefix` (`""`: all of them).
+    List { kind: Kind, prefix: String },
+}
+
+impl RawRead {
+    pub fn kind(&self) -> Kind {
+        match self {
+            RawRead::Get { kind, .. } | RawRead::List { kind, .. } => *kind,
+        }
+    }
+}
+
+/// What one [`RawRead`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawReadResult {
+    Object(Option<RawObject>),
+    List(RawList),
+}
+
+/// `read_batch` for a backend without multi-key reads: the reads one after another. Each is
+/// consistent in itself; together they are not one snapshot.
+pub async fn read_in_order<B: Backend + ?Sized>(
+    backend: &B,
+    reads: Vec<RawRead>,
+) -> Result<Vec<RawReadResult>, StoreError> {
+    let mut out = Vec::with_capacity(reads.len());
+    for r in reads {
+        out.push(match r {
+            RawRead::Get { kind, name } => match backend.get(kind, &name).await {
+                Ok(o) => RawReadResult::Object(Some(o)),
+                Err(e) if e.is_not_found() => RawReadResult::Object(None),
+                Err(e) => return Err(e),
+            },
+            RawRead::List { kind, prefix } => {
+                RawReadResult::List(backend.list_prefix(kind, &prefix).await?)
+            }
+        });
+    }
+    Ok(out)
+}
+
 /// The most writes one [`Backend::commit`] may carry. etcd refuses a transaction with more than
 /// 128 compares or 128 operations per branch (its default `--max-txn-ops`); a commit costs up to
 /// two compares per write, so 64 writes is what fits on every etcd with default settings.
@@ -315,6 +361,28 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
     async fn get(&self, kind: Kind, name: &str) -> Result<RawObject, StoreError>;
     async fn list(&self, kind: Kind) -> Result<RawList, StoreError>;
+    /// The objects of a kind whose names start with `prefix`, as one consistent listing.
+    /// Backends that can select by key range override this; the default filters a full list.
+    async fn list_prefix(&self, kind: Kind, prefix: &str) -> Result<RawList, StoreError> {
+        let mut list = self.list(kind).await?;
+        list.items.retain(|o| o.name.starts_with(prefix));
+        Ok(list)
+    }
+    /// The names of every object of a kind, without the objects (etcd reads keys only).
+    async fn list_names(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list(kind)
+            .await?
+            .items
+            .into_iter()
+            .map(|o| o.name)
+            .collect())
+    }
+    /// Several reads, one result each in order. etcd makes them one transaction, so they see
+    /// one revision and cost one round trip; the default makes them one after another.
+    async fn read_batch(&self, reads: Vec<RawRead>) -> Result<Vec<RawReadResult>, StoreError> {
+        read_in_order(self, reads).await
+    }
     async fn create(&self, kind: Kind, name: &str, value: Value) -> Result<RawObject, StoreError>;
     async fn update(
         &self,

@@ -1,4 +1,6 @@
-use super::{Backend, Kind, RawEvent, RawObject, RawWrite, Revision, StoreError};
+use super::{
+    Backend, Kind, RawEvent, RawObject, RawRead, RawReadResult, RawWrite, Revision, StoreError,
+};
 use crate::resources::MargayResource;
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::Value;
@@ -194,12 +196,29 @@ impl Committed {
         self.written
             .iter()
             .find(|(k, n, _)| *k == R::KIND && n == name)
-            .and_then(|(_, _, o)| o.clone())
+            .and_then(|(_, _, o)| o.as_ref())
             .ok_or_else(|| StoreError::NotFound {
                 kind: R::KIND,
                 name: name.to_owned(),
             })
-            .and_then(decode)
+            .and_then(|o| {
+                R::deserialize(&o.value).map_err(|source| StoreError::Decode {
+                    kind: R::KIND,
+                    name: name.to_owned(),
+                    source,
+                })
+            })
+    }
+
+    /// The revision at which this commit wrote the object `name` of kind `R`, if it created
+    /// or updated it: what a caller that keeps its own copy of the object needs to update it
+    /// again, without decoding it back.
+    pub fn revision<R: MargayResource>(&self, name: &str) -> Option<Revision> {
+        self.written
+            .iter()
+            .find(|(k, n, _)| *k == R::KIND && n == name)
+            .and_then(|(_, _, o)| o.as_ref())
+            .map(|o| o.revision)
     }
 
     /// The revision of each write, in the commit's order (`None` for deletes). An atomic
@@ -209,6 +228,102 @@ impl Committed {
             .iter()
             .map(|(_, _, o)| o.as_ref().map(|o| o.revision))
             .collect()
+    }
+}
+
+/// Several reads to make as one [`Store::read`]: `Reads::new().list::<IPPool>().get::<Node>("n")`.
+/// The results come back in the same order, taken from the [`ReadSet`] by position.
+#[derive(Debug, Default, Clone)]
+pub struct Reads {
+    reads: Vec<RawRead>,
+}
+
+impl Reads {
+    pub fn new() -> Reads {
+        Reads::default()
+    }
+
+    /// The object `name` of kind `R`, or its absence.
+    pub fn get<R: MargayResource>(mut self, name: &str) -> Reads {
+        self.reads.push(RawRead::Get {
+            kind: R::KIND,
+            name: name.to_owned(),
+        });
+        self
+    }
+
+    /// Every object of kind `R`.
+    pub fn list<R: MargayResource>(self) -> Reads {
+        self.list_prefix::<R>("")
+    }
+
+    /// The objects of kind `R` whose names start with `prefix`.
+    pub fn list_prefix<R: MargayResource>(mut self, prefix: &str) -> Reads {
+        self.reads.push(RawRead::List {
+            kind: R::KIND,
+            prefix: prefix.to_owned(),
+        });
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.reads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reads.is_empty()
+    }
+}
+
+/// What a [`Store::read`] found, one entry per read in the order they were asked for.
+#[derive(Debug, Default)]
+pub struct ReadSet {
+    results: Vec<Option<(RawRead, RawReadResult)>>,
+}
+
+impl ReadSet {
+    fn take(&mut self, i: usize, kind: Kind) -> Result<(RawRead, RawReadResult), StoreError> {
+        let slot = self.results.get_mut(i);
+        match slot {
+            Some(entry @ Some(_)) if entry.as_ref().is_some_and(|(r, _)| r.kind() == kind) => {
+                Ok(entry.take().expect("checked"))
+            }
+            other => Err(StoreError::Rejected {
+                backend: "store",
+                message: format!(
+                    "read {i} of the batch is {}, not a read of {kind} that has not been taken yet",
+                    match other {
+                        Some(Some((r, _))) => format!("{r:?}"),
+                        _ => "absent or taken".into(),
+                    }
+                ),
+            }),
+        }
+    }
+
+    /// The result of read `i`, a `get` of kind `R`.
+    pub fn get<R: MargayResource>(&mut self, i: usize) -> Result<Option<R>, StoreError> {
+        match self.take(i, R::KIND)? {
+            (_, RawReadResult::Object(o)) => o.map(decode).transpose(),
+            (r, RawReadResult::List(_)) => Err(StoreError::Rejected {
+                backend: "store",
+                message: format!("read {i} of the batch ({r:?}) is a listing, not a get"),
+            }),
+        }
+    }
+
+    /// The result of read `i`, a `list` or `list_prefix` of kind `R`, with its revision.
+    pub fn list<R: MargayResource>(&mut self, i: usize) -> Result<(Vec<R>, Revision), StoreError> {
+        match self.take(i, R::KIND)? {
+            (_, RawReadResult::List(l)) => Ok((
+                l.items.into_iter().map(decode).collect::<Result<_, _>>()?,
+                l.revision,
+            )),
+            (r, RawReadResult::Object(_)) => Err(StoreError::Rejected {
+                backend: "store",
+                message: format!("read {i} of the batch ({r:?}) is a get, not a listing"),
+            }),
+        }
     }
 }
 
@@ -248,6 +363,44 @@ impl Store {
             .map(decode)
             .collect::<Result<Vec<R>, _>>()?;
         Ok((items, list.revision))
+    }
+
+    /// The objects of a kind whose names start with `prefix`, and the revision of the listing.
+    pub async fn list_prefix<R: MargayResource>(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<R>, Revision), StoreError> {
+        let list = self.backend.list_prefix(R::KIND, prefix).await?;
+        let items = list
+            .items
+            .into_iter()
+            .map(decode)
+            .collect::<Result<Vec<R>, _>>()?;
+        Ok((items, list.revision))
+    }
+
+    /// The names of every object of a kind, without reading the objects.
+    pub async fn list_names<R: MargayResource>(&self) -> Result<Vec<String>, StoreError> {
+        self.backend.list_names(R::KIND).await
+    }
+
+    /// Makes the reads of `reads`: one round trip, one revision where the backend can (etcd).
+    pub async fn read(&self, reads: Reads) -> Result<ReadSet, StoreError> {
+        let asked = reads.reads.clone();
+        let results = self.backend.read_batch(reads.reads).await?;
+        if results.len() != asked.len() {
+            return Err(StoreError::Rejected {
+                backend: self.backend.name(),
+                message: format!(
+                    "a batch of {} reads came back with {} results",
+                    asked.len(),
+                    results.len()
+                ),
+            });
+        }
+        Ok(ReadSet {
+            results: asked.into_iter().zip(results).map(Some).collect(),
+        })
     }
 
     /// Creates `obj` if no object of its name exists. Validates first.
