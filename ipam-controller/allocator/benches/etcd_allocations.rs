@@ -10,6 +10,10 @@
 //!
 //! Prints a Markdown table (the figures in docs/benchmarks.md come from it).
 
+// The allocator runs inside Margay's binaries, which all use mimalloc; so does the benchmark.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use margay_api::{IPPool, IPPoolSpec, Kind, Store};
 use margay_ipam::{Allocator, AllocatorConfig, AssignRequest};
@@ -21,6 +25,28 @@ struct Figures {
     ops: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU seconds this process (the clients) and etcd spent during the run.
+    cpu: (f64, f64),
+}
+
+/// CPU time (user + system) of a process so far, in seconds, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Measures the CPU that the clients and etcd use around `f`.
+async fn with_cpu<F: std::future::Future<Output = Figures>>(etcd: &EtcdProcess, f: F) -> Figures {
+    let etcd_pid = etcd.pid().map(|p| p.to_string()).unwrap_or_default();
+    let (c0, e0) = (cpu_seconds("self"), cpu_seconds(&etcd_pid));
+    let mut fig = f.await;
+    fig.cpu = (cpu_seconds("self") - c0, cpu_seconds(&etcd_pid) - e0);
+    fig
 }
 
 impl Figures {
@@ -79,6 +105,7 @@ async fn etcd_cas_rate(etcd: &EtcdProcess, workers: usize, per_worker: usize) ->
         ops: workers * per_worker,
         elapsed: start.elapsed(),
         latencies,
+        cpu: (0.0, 0.0),
     }
 }
 
@@ -140,6 +167,7 @@ async fn etcd_allocation_shaped_rate(
         ops: workers * per_worker,
         elapsed: start.elapsed(),
         latencies,
+        cpu: (0.0, 0.0),
     }
 }
 
@@ -202,16 +230,19 @@ async fn allocation_rate(
         ops: nodes * per_node,
         elapsed: start.elapsed(),
         latencies,
+        cpu: (0.0, 0.0),
     }
 }
 
 fn row(what: &str, f: &Figures) -> String {
     format!(
-        "| {what} | {} | {:.0} | {:.2} | {:.2} |",
+        "| {what} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} |",
         f.ops,
         f.rate(),
         f.pct(0.5).as_secs_f64() * 1e3,
-        f.pct(0.99).as_secs_f64() * 1e3
+        f.pct(0.99).as_secs_f64() * 1e3,
+        f.cpu.0 * 1e6 / f.ops as f64,
+        f.cpu.1 * 1e6 / f.ops as f64,
     )
 }
 
@@ -241,28 +272,35 @@ fn main() {
         // Warm-up: connections, the first block of the one-node run.
         allocation_rate(&store, 1, 5, "warm", "warm").await;
 
-        let one_100 = allocation_rate(&store, 1, 100, "hundred", "hundred").await;
-        let one = allocation_rate(&store, 1, total, "one", "one").await;
-        let cas1 = etcd_cas_rate(&etcd, 1, total).await;
+        let one_100 = with_cpu(&etcd, allocation_rate(&store, 1, 100, "hundred", "hundred")).await;
+        let one = with_cpu(&etcd, allocation_rate(&store, 1, total, "one", "one")).await;
+        let cas1 = with_cpu(&etcd, etcd_cas_rate(&etcd, 1, total)).await;
         let per_node = (total / 50).max(1) * 4;
-        let fifty = allocation_rate(&store, 50, per_node, "fifty", "fifty").await;
+        let fifty = with_cpu(&etcd, allocation_rate(&store, 50, per_node, "fifty", "fifty")).await;
         // The same nodes again, with new allocators (whose first request loads the node's
         // blocks), as many pods as the last block of each node still has room for (80 pods
         // fill 64 + 16 of two /26 blocks), at most half a round: no claims are timed.
         let room = 64 - per_node % 64;
         let again = room.min(per_node / 2).max(1);
-        let fifty_warm = allocation_rate(&store, 50, again, "fifty", "fifty-again").await;
-        let cas50 = etcd_cas_rate(&etcd, 50, (total / 50).max(1) * 4).await;
+        let fifty_warm =
+            with_cpu(&etcd, allocation_rate(&store, 50, again, "fifty", "fifty-again")).await;
+        let cas50 = with_cpu(&etcd, etcd_cas_rate(&etcd, 50, (total / 50).max(1) * 4)).await;
         let (block, handle) = object_sizes(&store).await;
         let (block_len, handle_len) = (block.len(), handle.len());
         let (block, handle) = (Arc::new(block), Arc::new(handle));
-        let shaped1 =
-            etcd_allocation_shaped_rate(&etcd, 1, total, block.clone(), handle.clone()).await;
-        let shaped50 =
-            etcd_allocation_shaped_rate(&etcd, 50, (total / 50).max(1) * 4, block, handle).await;
+        let shaped1 = with_cpu(
+            &etcd,
+            etcd_allocation_shaped_rate(&etcd, 1, total, block.clone(), handle.clone()),
+        )
+        .await;
+        let shaped50 = with_cpu(
+            &etcd,
+            etcd_allocation_shaped_rate(&etcd, 50, (total / 50).max(1) * 4, block, handle),
+        )
+        .await;
 
-        println!("| run | operations | per second | p50 ms | p99 ms |");
-        println!("|---|---|---|---|---|");
+        println!("| run | operations | per second | p50 ms | p99 ms | client CPU µs/op | etcd CPU µs/op |");
+        println!("|---|---|---|---|---|---|---|");
         println!("{}", row("allocator, 1 node, 100 allocations", &one_100));
         println!("{}", row("allocator, 1 node", &one));
         println!("{}", row("etcd CAS txn, 1 client, distinct keys", &cas1));

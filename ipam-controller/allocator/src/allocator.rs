@@ -25,7 +25,7 @@ use margay_api::store::MAX_COMMIT_WRITES;
 use margay_api::{
     AffinityState, AllocationAttribute, BlockAffinity, BlockAffinitySpec, Commit, IPAMBlock,
     IPAMBlockSpec, IPAMConfig, IPAMConfigSpec, IPAMHandle, IPAMHandleSpec, IPPool, IPReservation,
-    Kind, Node, Store, IPAM_CONFIG_NAME,
+    Kind, Node, Reads, Store, IPAM_CONFIG_NAME,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -33,6 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
+
+/// The most objects read in one batch (etcd allows 128 operations per transaction).
+const READ_BATCH: usize = 100;
 
 /// Settings of one allocator.
 #[derive(Debug, Clone)]
@@ -120,6 +123,9 @@ struct NodeState {
     /// This node's confirmed blocks, as last read or written. `None` until loaded.
     blocks: Option<BTreeMap<IpNet, IPAMBlock>>,
     policy: Option<(Instant, Arc<Policy>)>,
+    /// This node's affinities, read with the policy when the blocks were not loaded yet (one
+    /// round trip instead of two); taken by the block load that follows.
+    affinities: Option<Vec<BlockAffinity>>,
 }
 
 /// The allocator of one node. Cheap to clone; clones share the cache and the node lock, so
@@ -226,34 +232,57 @@ impl Allocator {
                 return Ok(p.clone());
             }
         }
-        let store = &self.inner.store;
-        let (pools, _) = store
+        // One batch: the pools, the IPAM settings, the reservations, the node's labels when
+        // they are not given, and this node's affinities when its blocks are still to be read.
+        let node = &self.inner.node;
+        let want_labels = self.inner.cfg.node_labels.is_none();
+        let want_affinities = st.blocks.is_none();
+        let mut reads = Reads::new()
             .list::<IPPool>()
+            .get::<IPAMConfig>(IPAM_CONFIG_NAME)
+            .list::<IPReservation>();
+        if want_labels {
+            reads = reads.get::<Node>(node);
+        }
+        if want_affinities {
+            reads = reads.list_prefix::<BlockAffinity>(&names::affinity_prefix(node));
+        }
+        let what =
+            "read the IP pools, IPAMConfig default, IPReservations, Node and BlockAffinities";
+        let mut set = self
+            .inner
+            .store
+            .read(reads)
             .await
-            .map_err(IpamError::store("list IPPools"))?;
-        let config = store
-            .try_get::<IPAMConfig>(IPAM_CONFIG_NAME)
-            .await
-            .map_err(IpamError::store("read IPAMConfig default"))?
+            .map_err(IpamError::store(what))?;
+        let (pools, _) = set.list::<IPPool>(0).map_err(IpamError::store(what))?;
+        let config = set
+            .get::<IPAMConfig>(1)
+            .map_err(IpamError::store(what))?
             .map(|c| c.spec)
             .unwrap_or_default();
-        let (reservations, _) = store
-            .list::<IPReservation>()
-            .await
-            .map_err(IpamError::store("list IPReservations"))?;
+        let (reservations, _) = set
+            .list::<IPReservation>(2)
+            .map_err(IpamError::store(what))?;
         let reserved = reservations
             .iter()
             .flat_map(|r| r.spec.networks())
             .collect();
         let labels = match &self.inner.cfg.node_labels {
             Some(l) => l.clone(),
-            None => store
-                .try_get::<Node>(&self.inner.node)
-                .await
-                .map_err(IpamError::store(format!("read Node {}", self.inner.node)))?
+            None => set
+                .get::<Node>(3)
+                .map_err(IpamError::store(what))?
                 .and_then(|n| n.metadata.labels)
                 .unwrap_or_default(),
         };
+        if want_affinities {
+            let i = if want_labels { 4 } else { 3 };
+            let (affs, _) = set
+                .list::<BlockAffinity>(i)
+                .map_err(IpamError::store(what))?;
+            st.affinities = Some(affs.into_iter().filter(|a| a.spec.node == *node).collect());
+        }
         let p = Arc::new(Policy {
             pools,
             config,
@@ -262,6 +291,18 @@ impl Allocator {
         });
         st.policy = Some((Instant::now(), p.clone()));
         Ok(p)
+    }
+
+    /// This node's affinities (not those of nodes whose names share the prefix).
+    async fn my_affinities(&self) -> Result<Vec<BlockAffinity>> {
+        let node = &self.inner.node;
+        let (affs, _) = self
+            .inner
+            .store
+            .list_prefix::<BlockAffinity>(&names::affinity_prefix(node))
+            .await
+            .map_err(IpamError::store("list this node's BlockAffinities"))?;
+        Ok(affs.into_iter().filter(|a| a.spec.node == *node).collect())
     }
 
     fn exclusions(policy: &Policy, pool: Option<&PoolView>) -> Exclusions {
@@ -290,31 +331,47 @@ impl Allocator {
         policy: &Policy,
     ) -> Result<&'a mut BTreeMap<IpNet, IPAMBlock>> {
         if st.blocks.is_none() {
-            let blocks = self.load_blocks(policy).await?;
+            let affs = match st.affinities.take() {
+                Some(a) => a,
+                None => self.my_affinities().await?,
+            };
+            let blocks = self.load_blocks(policy, affs).await?;
             st.blocks = Some(blocks);
         }
         Ok(st.blocks.get_or_insert_with(BTreeMap::new))
     }
 
-    async fn load_blocks(&self, policy: &Policy) -> Result<BTreeMap<IpNet, IPAMBlock>> {
+    async fn load_blocks(
+        &self,
+        policy: &Policy,
+        affs: Vec<BlockAffinity>,
+    ) -> Result<BTreeMap<IpNet, IPAMBlock>> {
         let store = &self.inner.store;
         let node = &self.inner.node;
-        let (affs, _) = store
-            .list::<BlockAffinity>()
-            .await
-            .map_err(IpamError::store("list BlockAffinities"))?;
-        let mut out = BTreeMap::new();
-        for aff in affs.into_iter().filter(|a| a.spec.node == *node) {
-            let Ok(cidr) = aff.spec.cidr.parse::<IpNet>() else {
-                continue;
-            };
-            if aff.spec.state == AffinityState::PendingDeletion {
-                continue;
-            }
-            let blk = store
-                .try_get::<IPAMBlock>(&names::block_name(&cidr))
+        let affs: Vec<(IpNet, BlockAffinity)> = affs
+            .into_iter()
+            .filter(|a| a.spec.node == *node && a.spec.state != AffinityState::PendingDeletion)
+            .filter_map(|a| Some((a.spec.cidr.parse::<IpNet>().ok()?, a)))
+            .collect();
+        // The blocks in batches of reads (one round trip each on etcd).
+        let mut found: Vec<Option<IPAMBlock>> = Vec::with_capacity(affs.len());
+        for chunk in affs.chunks(READ_BATCH) {
+            let reads = chunk.iter().fold(Reads::new(), |r, (cidr, _)| {
+                r.get::<IPAMBlock>(&names::block_name(cidr))
+            });
+            let mut set = store
+                .read(reads)
                 .await
-                .map_err(IpamError::store(format!("read block {cidr}")))?;
+                .map_err(IpamError::store("read this node's blocks"))?;
+            for (i, (cidr, _)) in chunk.iter().enumerate() {
+                found.push(
+                    set.get::<IPAMBlock>(i)
+                        .map_err(IpamError::store(format!("read block {cidr}")))?,
+                );
+            }
+        }
+        let mut out = BTreeMap::new();
+        for ((cidr, aff), blk) in affs.into_iter().zip(found) {
             match blk {
                 Some(b) if b.spec.affine_node() == Some(node.as_str()) => {
                     if aff.spec.state == AffinityState::Pending {
@@ -717,14 +774,14 @@ impl Allocator {
         &self,
         h: &mut HandleTx,
         cidr: &IpNet,
-        new: &IPAMBlock,
+        new: IPAMBlock,
         count: i64,
         what: impl Fn() -> String,
     ) -> Result<Option<IPAMBlock>> {
         let store = &self.inner.store;
         if !store.atomic_commit() {
             self.ensure_handle(h, cidr, count).await?;
-            return match store.update(new).await {
+            return match store.update(&new).await {
                 Ok(written) => {
                     h.pending.remove(&cidr.to_string());
                     Ok(Some(written))
@@ -744,31 +801,47 @@ impl Allocator {
         let key = cidr.to_string();
         let block_name = names::block_name(cidr);
         for attempt in 0..self.max_attempts() {
-            let commit = match &h.obj {
-                None => Commit::new().create(&IPAMHandle::new(
-                    &h.name,
-                    IPAMHandleSpec {
-                        handle_id: h.id.clone(),
-                        block: BTreeMap::from([(key.clone(), count)]),
-                        deleted: false,
-                    },
-                )),
+            let (handle, commit) = match &h.obj {
+                None => {
+                    let handle = IPAMHandle::new(
+                        &h.name,
+                        IPAMHandleSpec {
+                            handle_id: h.id.clone(),
+                            block: BTreeMap::from([(key.clone(), count)]),
+                            deleted: false,
+                        },
+                    );
+                    let commit = Commit::new().create(&handle);
+                    (handle, commit)
+                }
                 Some(cur) => {
                     let mut next = cur.clone();
                     *next.spec.block.entry(key.clone()).or_insert(0) += count;
-                    Commit::new().update(&next)
+                    let commit = Commit::new().update(&next);
+                    (next, commit)
                 }
-            }
-            .update(new);
-            match store.commit(commit).await {
+            };
+            match store.commit(commit.update(&new)).await {
                 Ok(done) => {
-                    h.obj = Some(
-                        done.get::<IPAMHandle>(&h.name)
-                            .map_err(IpamError::store(what()))?,
-                    );
-                    let written = done
-                        .get::<IPAMBlock>(&block_name)
-                        .map_err(IpamError::store(what()))?;
+                    // What was written is what was sent, at the commit's revision: keep the
+                    // copies instead of decoding the stored documents back.
+                    let (Some(hrev), Some(brev)) = (
+                        done.revision::<IPAMHandle>(&h.name),
+                        done.revision::<IPAMBlock>(&block_name),
+                    ) else {
+                        return Err(IpamError::Store {
+                            what: what(),
+                            source: margay_api::StoreError::Rejected {
+                                backend: store.backend().name(),
+                                message: "a commit did not report the objects it wrote".into(),
+                            },
+                        });
+                    };
+                    let mut handle = handle;
+                    handle.metadata.resource_version = Some(hrev.to_string());
+                    h.obj = Some(handle);
+                    let mut written = new;
+                    written.metadata.resource_version = Some(brev.to_string());
                     return Ok(Some(written));
                 }
                 Err(e)
@@ -821,10 +894,12 @@ impl Allocator {
         let attr = attribute(&h.id, attrs);
         let mut cache = cache;
         // A block taken from the cache may be stale; one that looks full is read again
-        // before it is given up (others' releases do not reach this cache).
+        // before it is given up (others' releases do not reach this cache). It is taken out
+        // rather than copied and put back on every way out but an error, after which
+        // `assign` drops the whole cache.
         let (mut cur, mut fresh) = match start {
             Some(b) => (Some(b), true),
-            None => (cache.as_ref().and_then(|c| c.get(cidr).cloned()), false),
+            None => (cache.as_mut().and_then(|c| c.remove(cidr)), false),
         };
         for attempt in 0..self.max_attempts() {
             let blk = match cur.take() {
@@ -863,21 +938,22 @@ impl Allocator {
                 return Ok(Vec::new());
             }
             let now = self.now();
-            let mut new = blk.clone();
+            // `allocate` changes nothing when it finds no room, so `new` is then still `blk`.
+            let mut new = blk;
             let got = block::allocate(&mut new.spec, cidr, n, &attr, &excl, now);
             if got.is_empty() && !fresh {
                 continue;
             }
             if got.is_empty() {
                 if let Some(c) = cache.as_mut() {
-                    c.insert(*cidr, blk);
+                    c.insert(*cidr, new);
                 }
                 self.ensure_handle(h, cidr, 0).await?;
                 return Ok(Vec::new());
             }
             let what = || format!("allocate in block {cidr}");
             match self
-                .write_allocation(h, cidr, &new, got.len() as i64, what)
+                .write_allocation(h, cidr, new, got.len() as i64, what)
                 .await?
             {
                 Some(written) => {
@@ -931,6 +1007,9 @@ impl Allocator {
         match res {
             Ok(()) => Ok(Assignment { addresses: out }),
             Err(e) => {
+                // The cached blocks may be missing one taken out for the failed write, or be
+                // stale: read them again next time.
+                st.blocks = None;
                 if !out.is_empty() {
                     warn!(handle = %req.handle_id, error = %e, "releasing the addresses of a failed request");
                     let ips: Vec<(IpAddr, Option<u64>)> =
@@ -1139,32 +1218,40 @@ impl Allocator {
         })
     }
 
+    /// The CIDR of every block, from the blocks' names (keys only on etcd); from the documents
+    /// if a name is not one the allocator makes.
+    async fn block_cidrs(&self) -> Result<Vec<IpNet>> {
+        let store = &self.inner.store;
+        let names = store
+            .list_names::<IPAMBlock>()
+            .await
+            .map_err(IpamError::store("list IPAMBlock names"))?;
+        if let Some(cidrs) = names.iter().map(|n| names::parse_block_name(n)).collect() {
+            return Ok(cidrs);
+        }
+        let (all, _) = store
+            .list::<IPAMBlock>()
+            .await
+            .map_err(IpamError::store("list IPAMBlocks"))?;
+        Ok(all.iter().filter_map(|b| b.spec.network()).collect())
+    }
+
     /// Number of blocks this node holds or is claiming.
     async fn blocks_held(&self) -> Result<u32> {
-        let (affs, _) = self
-            .inner
-            .store
-            .list::<BlockAffinity>()
-            .await
-            .map_err(IpamError::store("list BlockAffinities"))?;
-        Ok(affs
+        Ok(self
+            .my_affinities()
+            .await?
             .iter()
-            .filter(|a| {
-                a.spec.node == self.inner.node && a.spec.state != AffinityState::PendingDeletion
-            })
+            .filter(|a| a.spec.state != AffinityState::PendingDeletion)
             .count() as u32)
     }
 
     /// Searches the pool from this node's start point for a block no one has made yet and
     /// claims it; failing that, takes over an empty block old enough to reclaim.
     async fn find_and_claim(&self, pv: &PoolView, policy: &Policy) -> Result<Option<IPAMBlock>> {
-        let (blocks, _) = self
-            .inner
-            .store
-            .list::<IPAMBlock>()
-            .await
-            .map_err(IpamError::store("list IPAMBlocks"))?;
-        let existing: HashSet<IpNet> = blocks.iter().filter_map(|b| b.spec.network()).collect();
+        // Which blocks exist, from their names alone (a block is named by its CIDR); whole
+        // documents only if a name is not one the allocator makes, or to reclaim below.
+        let existing: HashSet<IpNet> = self.block_cidrs().await?.into_iter().collect();
         let excl = Self::exclusions(policy, Some(pv));
         let limit = existing.len() as u128 + 4096;
         for cidr in pv.search_order(&self.inner.node, limit) {
@@ -1184,6 +1271,12 @@ impl Allocator {
             }
         }
         // Nothing unclaimed: take over an old enough empty block.
+        let (blocks, _) = self
+            .inner
+            .store
+            .list::<IPAMBlock>()
+            .await
+            .map_err(IpamError::store("list IPAMBlocks"))?;
         let now = self.now();
         let min_age = self.inner.cfg.reclaim_after.as_secs();
         let mut cands: Vec<IPAMBlock> = blocks
@@ -1330,7 +1423,7 @@ impl Allocator {
             let base = h.pending.get(&cidr.to_string()).copied().unwrap_or(0);
             let what = || format!("allocate {ip} in block {cidr}");
             match self
-                .write_allocation(h, &cidr, &new, base.max(1), what)
+                .write_allocation(h, &cidr, new, base.max(1), what)
                 .await?
             {
                 Some(written) => {
@@ -1387,11 +1480,7 @@ impl Allocator {
                 None => {
                     // The pool is gone; find the block among those that exist.
                     if all_blocks.is_none() {
-                        let (bs, _) = store
-                            .list::<IPAMBlock>()
-                            .await
-                            .map_err(IpamError::store("list IPAMBlocks"))?;
-                        all_blocks = Some(bs.iter().filter_map(|b| b.spec.network()).collect());
+                        all_blocks = Some(self.block_cidrs().await?);
                     }
                     all_blocks
                         .as_ref()

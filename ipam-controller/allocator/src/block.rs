@@ -166,7 +166,8 @@ fn prune_cooldowns(spec: &mut IPAMBlockSpec, now: u64) {
 }
 
 /// Allocates up to `n` addresses to `attr`, FIFO from the free list, skipping excluded and
-/// cooling-down ordinals. Returns `(ordinal, sequence number)` of each.
+/// cooling-down ordinals. Returns `(ordinal, sequence number)` of each. When it returns none,
+/// `spec` is unchanged (the allocator relies on this to keep its copy without cloning).
 pub fn allocate(
     spec: &mut IPAMBlockSpec,
     cidr: &IpNet,
@@ -369,6 +370,21 @@ mod tests {
             .map(|g| g.0)
             .collect();
         assert_eq!(order, vec![2, 0, 3]);
+    }
+
+    #[test]
+    fn an_allocation_that_finds_no_room_changes_nothing() {
+        let c = net("10.0.0.0/31");
+        let mut b = new_block_spec(&c, None, false, None, 0);
+        let ex = Exclusions::default();
+        allocate(&mut b, &c, 2, &attr("a"), &ex, 100);
+        // One released address still cooling down, one expired cooldown entry elsewhere: a
+        // fruitless allocation must not even prune the expired one.
+        release_ordinal(&mut b, 1, None, 30, 100);
+        b.cooldown_until.insert("7".into(), 50);
+        let before = b.clone();
+        assert!(allocate(&mut b, &c, 1, &attr("b"), &ex, 110).is_empty());
+        assert_eq!(b, before);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use margay_api::{
     AffinityState, BlockAffinity, BlockAffinitySpec, IPAMBlock, IPAMHandle, IPPool, Store,
 };
 use margay_ipam::audit::{self, Snapshot};
-use margay_ipam::{AddressUse, AssignRequest, Clock, IpamError, ReleaseOutcome};
+use margay_ipam::{
+    AddressUse, Allocator, AllocatorConfig, AssignRequest, Clock, IpamError, ReleaseOutcome,
+};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
@@ -635,7 +637,8 @@ struct Recording {
 mod recording {
     use super::Recording;
     use margay_api::store::{
-        commit_in_order, Backend, Kind, RawList, RawObject, RawWatch, RawWrite, Revision,
+        commit_in_order, Backend, Kind, RawList, RawObject, RawRead, RawReadResult, RawWatch,
+        RawWrite, Revision,
     };
     use margay_api::StoreError;
     use serde_json::Value;
@@ -674,6 +677,29 @@ mod recording {
         }
         async fn list(&self, kind: Kind) -> Result<RawList, StoreError> {
             self.note(format!("list {kind}"), self.inner.list(kind).await)
+        }
+        async fn list_prefix(&self, kind: Kind, prefix: &str) -> Result<RawList, StoreError> {
+            let r = self.inner.list_prefix(kind, prefix).await;
+            self.note(format!("list {kind} {prefix}*"), r)
+        }
+        async fn list_names(&self, kind: Kind) -> Result<Vec<String>, StoreError> {
+            let r = self.inner.list_names(kind).await;
+            self.note(format!("list {kind} names"), r)
+        }
+        async fn read_batch(&self, reads: Vec<RawRead>) -> Result<Vec<RawReadResult>, StoreError> {
+            let what = format!(
+                "read [{}]",
+                reads
+                    .iter()
+                    .map(|r| match r {
+                        RawRead::Get { kind, name } => format!("get {kind} {name}"),
+                        RawRead::List { kind, prefix } => format!("list {kind} {prefix}*"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let r = self.inner.read_batch(reads).await;
+            self.note(what, r)
         }
         async fn create(&self, kind: Kind, name: &str, v: Value) -> Result<RawObject, StoreError> {
             let r = self.inner.create(kind, name, v).await;
@@ -737,13 +763,74 @@ fn recording(atomic: bool) -> (std::sync::Arc<Recording>, Store) {
 
 fn writes(log: Vec<String>) -> Vec<String> {
     log.into_iter()
-        .filter(|l| !l.starts_with("get ") && !l.starts_with("list "))
+        .filter(|l| !l.starts_with("get ") && !l.starts_with("list ") && !l.starts_with("read ["))
         .collect()
 }
 
 /// On a store that commits atomically, a block claim is one commit (confirmed affinity and
 /// block), an allocation in a block with room is one commit (handle and block), and so is each
 /// kind of release.
+/// Round trips, not just writes: a fresh allocator (a CNI process) reads everything it needs
+/// in two batches (settings with this node's affinities, then its blocks), and an allocation
+/// in a block with room is then one commit; a block claim lists block names, not documents.
+#[tokio::test]
+async fn a_fresh_allocator_reads_in_two_batches_and_allocates_in_one_round_trip() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.61.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let cfg = |clock: &Clock| AllocatorConfig {
+        node_labels: None,
+        policy_ttl: std::time::Duration::from_secs(600),
+        clock: clock.clone(),
+        ..AllocatorConfig::default()
+    };
+    let first = Allocator::new(store.clone(), "n1", cfg(&clock));
+    rec.take();
+    first.assign(&v4("h0", 1)).await.unwrap();
+    let aff = names::affinity_name("n1", &"10.61.0.0/26".parse().unwrap());
+    assert_eq!(
+        rec.take(),
+        vec![
+            "read [list IPPool *, get IPAMConfig default, list IPReservation *, get Node n1, list BlockAffinity n1-*]".to_string(),
+            "list BlockAffinity n1-*".into(),
+            "list IPAMBlock names".into(),
+            format!("commit [create BlockAffinity {aff}, create IPAMBlock 10-61-0-0-26]"),
+            format!(
+                "commit [create IPAMHandle {}, update IPAMBlock 10-61-0-0-26]",
+                names::handle_name("h0")
+            ),
+        ],
+        "a claim: the node's block count by its affinities, the free blocks by name"
+    );
+
+    let fresh = Allocator::new(store.clone(), "n1", cfg(&clock));
+    fresh.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        vec![
+            "read [list IPPool *, get IPAMConfig default, list IPReservation *, get Node n1, list BlockAffinity n1-*]".to_string(),
+            "read [get IPAMBlock 10-61-0-0-26]".into(),
+            format!(
+                "commit [create IPAMHandle {}, update IPAMBlock 10-61-0-0-26]",
+                names::handle_name("h1")
+            ),
+        ]
+    );
+    fresh.assign(&v4("h2", 1)).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        vec![format!(
+            "commit [create IPAMHandle {}, update IPAMBlock 10-61-0-0-26]",
+            names::handle_name("h2")
+        )],
+        "with the settings and the block in hand, an allocation is one round trip"
+    );
+    assert_consistent(&store).await;
+}
+
 #[tokio::test]
 async fn with_atomic_commits_an_allocation_and_a_release_are_one_commit_each() {
     let (rec, store) = recording(true);
