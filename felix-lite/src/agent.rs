@@ -228,17 +228,10 @@ impl View {
 
     /// The cluster-wide BGPConfiguration, with a per-node one's settings taking precedence.
     fn bgp_config(&self, node: &str) -> Option<BGPConfiguration> {
-        let global = self.bgp_configs.get(margay_api::BGP_CONFIGURATION_NAME);
-        match (global, self.bgp_configs.get(&format!("node.{node}"))) {
-            (Some(mut g), Some(n)) => {
-                let (gs, ns) = (&mut g.spec, n.spec);
-                gs.as_number = ns.as_number.or(gs.as_number);
-                gs.listen_port = ns.listen_port.or(gs.listen_port);
-                gs.log_severity_screen = ns.log_severity_screen.or(gs.log_severity_screen);
-                Some(g)
-            }
-            (g, n) => g.or(n),
-        }
+        crate::bgp::effective_config(
+            self.bgp_configs.get(margay_api::BGP_CONFIGURATION_NAME),
+            self.bgp_configs.get(&format!("node.{node}")),
+        )
     }
 }
 
@@ -427,7 +420,7 @@ impl Agent {
         let config = self.view.bgp_config(&self.node);
         let peers = self.view.bgp_peers.snapshot();
         let secrets = self.resolve_secrets(config.as_ref(), &peers).await;
-        let want = crate::bgp::desired_peers(&crate::bgp::PeerInputs {
+        let want = crate::bgp::desired_peers_both_ways(&crate::bgp::PeerInputs {
             me: &self.node,
             my_ip: self.address.map(|a| a.addr()),
             secrets: &secrets,

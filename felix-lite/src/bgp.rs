@@ -210,6 +210,78 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
     out
 }
 
+/// [`desired_peers`] plus the sessions BGPPeers configure from the other end, as Calico reads a
+/// BGPPeer with a `peerSelector`: both ends peer. Every BGPPeer whose `peerSelector` selects this
+/// node also makes it peer with the nodes the BGPPeer applies to (its `node`, its
+/// `nodeSelector`, or every node). One BGPPeer `nodeSelector: "!has(margay.io/route-reflector)"`,
+/// `peerSelector: "has(margay.io/route-reflector)"` so gives the reflectors their clients too.
+///
+/// Each reverse session is computed by [`desired_peers`] itself, from the BGPPeer mirrored onto
+/// this node (same password, keepalive, next-hop and source settings); where both directions
+/// configure a session, the forward one is kept.
+pub fn desired_peers_both_ways(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
+    let mut out = desired_peers(i);
+    // The mesh is already in the forward set; the mirrored computations add only BGPPeers.
+    let mut no_mesh = i
+        .config
+        .cloned()
+        .unwrap_or_else(|| BGPConfiguration::new("default", Default::default()));
+    no_mesh.spec.node_to_node_mesh_enabled = Some(false);
+    for bp in i.peers {
+        let s = &bp.spec;
+        let Some(sel) = s.peer_selector.as_deref() else {
+            continue;
+        };
+        if s.peer_ip.is_some() || !selects(sel, i.my_labels) {
+            continue;
+        }
+        let mut mirror = bp.clone();
+        mirror.spec.node = Some(i.me.to_owned());
+        mirror.spec.node_selector = None;
+        mirror.spec.peer_selector = Some(s.node_selector.clone().unwrap_or_else(|| "all()".into()));
+        let nodes: Vec<Node> = match &s.node {
+            Some(only) => i
+                .nodes
+                .iter()
+                .filter(|n| {
+                    let name = n.metadata.name.as_deref();
+                    name == Some(only.as_str()) || name == Some(i.me)
+                })
+                .cloned()
+                .collect(),
+            None => i.nodes.to_vec(),
+        };
+        let reverse = desired_peers(&PeerInputs {
+            nodes: &nodes,
+            config: Some(&no_mesh),
+            peers: std::slice::from_ref(&mirror),
+            ..*i
+        });
+        for (ip, p) in reverse {
+            out.entry(ip).or_insert(p);
+        }
+    }
+    out
+}
+
+/// The BGPConfiguration that applies to `node`: the cluster's (`default`) with the per-node one's
+/// (`node.<name>`) AS, listen port and log level taking precedence.
+pub fn effective_config(
+    global: Option<BGPConfiguration>,
+    per_node: Option<BGPConfiguration>,
+) -> Option<BGPConfiguration> {
+    match (global, per_node) {
+        (Some(mut g), Some(n)) => {
+            let (gs, ns) = (&mut g.spec, n.spec);
+            gs.as_number = ns.as_number.or(gs.as_number);
+            gs.listen_port = ns.listen_port.or(gs.listen_port);
+            gs.log_severity_screen = ns.log_severity_screen.or(gs.log_severity_screen);
+            Some(g)
+        }
+        (g, n) => g.or(n),
+    }
+}
+
 fn apply_peer_spec(p: &mut PeerConfig, bp: &BGPPeer, my_ip: Option<IpAddr>) {
     let s = &bp.spec;
     if let Some(k) = s.keepalive_time.as_deref().and_then(parse_duration) {

@@ -3,7 +3,7 @@
 //! and properties of every rendered object.
 
 use serde_yaml::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -366,4 +366,262 @@ fn route_reflector_wiring_is_rendered_only_when_enabled() {
         s(cfg, &["spec", "nodeToNodeMeshEnabled"]),
         &Value::Bool(false)
     );
+    // The reflector's BGP address is the node's (it runs in the host's network namespace).
+    let sts = rr.iter().find(|o| kind(o) == "StatefulSet").unwrap();
+    let spec = pod_spec(sts).unwrap();
+    assert_eq!(spec["hostNetwork"], Value::Bool(true));
+    let env = spec["containers"][0]["env"].as_sequence().unwrap();
+    let ip = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("MARGAY_IP"))
+        .expect("MARGAY_IP");
+    assert_eq!(
+        ip["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("status.hostIP")
+    );
+}
+
+/// The cargo that runs this test (cargo sets `CARGO` for the processes it starts).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned()));
+    c.current_dir(root());
+    c
+}
+
+/// Every binary target of every workspace package, by package, from `cargo metadata`.
+fn workspace_binaries() -> BTreeMap<String, BTreeSet<String>> {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
+    meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let bins = p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+                .map(|t| t["name"].as_str().unwrap().to_owned())
+                .collect();
+            (p["name"].as_str().unwrap().to_owned(), bins)
+        })
+        .collect()
+}
+
+/// Every container and init container of a workload.
+fn all_containers(spec: &Value) -> impl Iterator<Item = &Value> {
+    spec["containers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .chain(spec["initContainers"].as_sequence().into_iter().flatten())
+}
+
+#[test]
+fn every_container_runs_a_binary_a_workspace_crate_builds() {
+    let built: BTreeSet<String> = workspace_binaries().into_values().flatten().collect();
+    let mut seen = BTreeSet::new();
+    for (set, files) in value_sets() {
+        for o in render(&files, false).expect("render") {
+            let Some(spec) = pod_spec(&o) else { continue };
+            for c in all_containers(spec) {
+                let cmd = c["command"][0].as_str().unwrap_or_else(|| {
+                    panic!("{set}: {} has a container without a command", name(&o))
+                });
+                assert!(
+                    built.contains(cmd),
+                    "{set}: {} runs {cmd}, which no workspace crate builds (binaries: {built:?})",
+                    name(&o)
+                );
+                seen.insert(cmd.to_owned());
+            }
+        }
+    }
+    // The route reflector is among them (the ci value set turns it on).
+    assert!(seen.contains("margay-bgpd"), "{seen:?}");
+}
+
+#[test]
+fn every_binary_an_image_ships_is_built_by_its_dockerfile() {
+    let bins = workspace_binaries();
+    for dockerfile in [
+        "node.Dockerfile",
+        "ipam-controller.Dockerfile",
+        "bgpd.Dockerfile",
+    ] {
+        let text =
+            std::fs::read_to_string(root().join("images").join(dockerfile)).expect("Dockerfile");
+        let build = text
+            .lines()
+            .find(|l| l.contains("cargo build"))
+            .unwrap_or_else(|| panic!("{dockerfile} runs no cargo build"));
+        let words: Vec<&str> = build.split_whitespace().collect();
+        let built: BTreeSet<&String> = words
+            .windows(2)
+            .filter(|w| w[0] == "-p")
+            .flat_map(|w| {
+                bins.get(w[1]).unwrap_or_else(|| {
+                    panic!("{dockerfile} builds {}, not a workspace package", w[1])
+                })
+            })
+            .collect();
+        for shipped in shipped_binaries(dockerfile) {
+            assert!(
+                built.contains(&shipped),
+                "{dockerfile} copies {shipped}, which its `cargo build` does not build"
+            );
+        }
+    }
+    assert!(shipped_binaries("bgpd.Dockerfile").contains("margay-bgpd"));
+}
+
+/// margay-bgpd, built by cargo: no crate depends on a binary crate, so this test builds it.
+fn margay_bgpd() -> PathBuf {
+    let out = cargo()
+        .args([
+            "build",
+            "-p",
+            "margay-bgpd",
+            "--bin",
+            "margay-bgpd",
+            "--message-format=json",
+        ])
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo build -p margay-bgpd failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "margay-bgpd")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported the margay-bgpd executable")
+}
+
+/// Whether `word` occurs in `text` as a whole token (not inside a longer name).
+fn has_token(text: &str, word: &str) -> bool {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_name) && !after.is_some_and(is_name)
+    })
+}
+
+#[test]
+fn margay_bgpd_accepts_the_flags_and_environment_the_chart_gives_it() {
+    let bin = margay_bgpd();
+    let help = Command::new(&bin)
+        .arg("--help")
+        .output()
+        .expect("margay-bgpd runs");
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let mut checked = 0;
+    for (set, files) in value_sets() {
+        for o in render(&files, false).expect("render") {
+            if !(kind(&o) == "StatefulSet" && name(&o) == "margay-bgpd") {
+                continue;
+            }
+            let c = &pod_spec(&o).unwrap()["containers"][0];
+            let argv: Vec<&str> = c["command"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .chain(c["args"].as_sequence().into_iter().flatten())
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(argv[0], "margay-bgpd");
+            for flag in argv[1..].iter().filter(|a| a.starts_with("--")) {
+                let flag = flag.split('=').next().unwrap();
+                assert!(
+                    has_token(&help, flag),
+                    "{set}: the chart passes {flag}, which margay-bgpd --help does not list"
+                );
+            }
+            // Every variable the chart sets is one margay-bgpd reads (its help names each).
+            let mut run = Command::new(&bin);
+            run.args(&argv[1..]).arg("--check").env_clear();
+            for e in c["env"].as_sequence().unwrap() {
+                let var = e["name"].as_str().unwrap();
+                assert!(
+                    has_token(&help, var),
+                    "{set}: the chart sets {var} for margay-bgpd, which does not read it (not in --help)"
+                );
+                // The values, with the downward-API fields as the kubelet fills them in.
+                let value = match (
+                    e["value"].as_str(),
+                    e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+                ) {
+                    (Some(v), _) => v.to_owned(),
+                    (None, Some("spec.nodeName")) => "rr-1".into(),
+                    (None, Some("status.hostIP")) => "10.0.0.5".into(),
+                    (None, Some("metadata.namespace")) => "margay-system".into(),
+                    _ => {
+                        panic!("{set}: env {var} comes from {e:?}, which this test cannot fill in")
+                    }
+                };
+                run.env(var, value);
+            }
+            // ... and the settings they make are valid: `--check` validates without connecting.
+            let out = run.output().expect("margay-bgpd runs");
+            assert!(
+                out.status.success(),
+                "{set}: margay-bgpd {argv:?} --check refused the chart's settings: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no value set renders the route reflectors");
+}
+
+#[test]
+fn the_metrics_service_selects_every_workload_and_its_ports() {
+    for (set, files) in value_sets() {
+        let objs = render(&files, false).expect("render");
+        let svc = objs
+            .iter()
+            .find(|o| kind(o) == "Service" && name(o) == "margay-metrics")
+            .expect("margay-metrics Service");
+        let selector = s(svc, &["spec", "selector"]).as_mapping().unwrap();
+        let mut container_ports = BTreeSet::new();
+        for o in &objs {
+            let Some(spec) = pod_spec(o) else { continue };
+            let labels = s(o, &["spec", "template", "metadata", "labels"]);
+            for (k, v) in selector {
+                assert_eq!(
+                    &labels[k.as_str().unwrap()],
+                    v,
+                    "{set}: the margay-metrics Service does not select {} pods ({k:?})",
+                    name(o)
+                );
+            }
+            for c in all_containers(spec) {
+                for p in c["ports"].as_sequence().into_iter().flatten() {
+                    container_ports.insert(p["containerPort"].as_u64().unwrap());
+                }
+            }
+        }
+        for p in s(svc, &["spec", "ports"]).as_sequence().unwrap() {
+            let port = p["targetPort"].as_u64().unwrap();
+            assert!(
+                container_ports.contains(&port),
+                "{set}: margay-metrics port {} targets {port}, which no container declares",
+                p["name"].as_str().unwrap_or("")
+            );
+        }
+    }
 }

@@ -1,14 +1,21 @@
-//! The local status API and Prometheus metrics: a small HTTP/1.1 server (GET only,
-//! one request per connection) on tokio. Paths:
+//! The local status API, health probes and Prometheus metrics: a small HTTP/1.1 server (GET
+//! only, one request per connection) on tokio. Paths:
 //!
-//! - `/metrics`: Prometheus text format.
-//! - `/peers`: JSON list of peers (what `margayctl bgp peers` shows).
-//! - `/routes`, `/routes?prefix=10.0.0.0/24`: JSON list of prefixes and their paths.
-//! - `/healthz`: `ok`.
+//! - `/metrics`: Prometheus text format (the speaker's series, and the cluster route
+//!   reflector's own when it runs in that mode).
+//! - `/peers`: JSON list of peers (what `margayctl bgp peers` shows). Status API only.
+//! - `/routes`, `/routes?prefix=10.0.0.0/24`: JSON list of prefixes and their paths. Status
+//!   API only.
+//! - `/livez`, `/readyz`: the probes of the cluster route reflector mode.
+//! - `/healthz`: `ok` while alive.
+//!
+//! The status API has no authentication and shows every route, so it is served only where
+//! the configuration allows it (a loopback address); probes and metrics may listen anywhere.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use margay_bgp::wire::Prefix;
 use margay_bgp::{Histogram, PeerStatus, SpeakerHandle};
@@ -16,14 +23,60 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-pub async fn serve(listener: TcpListener, speaker: SpeakerHandle) {
+/// Liveness, readiness and extra metrics of a daemon mode that has them.
+pub trait Probes: Send + Sync + 'static {
+    /// `Ok` while the daemon's loop runs.
+    fn live(&self) -> Result<(), String>;
+    /// `Ok` once the daemon does its job; the error says what it waits for.
+    fn ready(&self) -> Result<(), String>;
+    /// Prometheus text appended to the speaker's series.
+    fn metrics(&self) -> String;
+}
+
+/// What one listener answers.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// Set once the speaker runs; before that only probes and the mode's metrics answer.
+    speaker: Arc<OnceLock<SpeakerHandle>>,
+    probes: Option<Arc<dyn Probes>>,
+    /// Whether `/peers` and `/routes` are served here.
+    status_api: bool,
+}
+
+impl Endpoints {
+    /// The status API of a running speaker (`/peers`, `/routes`, `/metrics`, `/healthz`).
+    pub fn status_api(speaker: SpeakerHandle) -> Endpoints {
+        let cell = OnceLock::new();
+        let _ = cell.set(speaker);
+        Endpoints {
+            speaker: Arc::new(cell),
+            probes: None,
+            status_api: true,
+        }
+    }
+
+    /// Probes and metrics, plus the status API when `status_api`.
+    pub fn with_probes(
+        speaker: Arc<OnceLock<SpeakerHandle>>,
+        probes: Arc<dyn Probes>,
+        status_api: bool,
+    ) -> Endpoints {
+        Endpoints {
+            speaker,
+            probes: Some(probes),
+            status_api,
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
     loop {
         match listener.accept().await {
             Ok((s, from)) => {
-                let sp = speaker.clone();
+                let e = endpoints.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(s, &sp).await {
-                        debug!(%from, error = %e, "status request failed");
+                    if let Err(err) = handle(s, &e).await {
+                        debug!(%from, error = %err, "status request failed");
                     }
                 });
             }
@@ -39,7 +92,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-async fn handle(mut s: TcpStream, sp: &SpeakerHandle) -> std::io::Result<()> {
+async fn handle(mut s: TcpStream, e: &Endpoints) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -64,7 +117,7 @@ async fn handle(mut s: TcpStream, sp: &SpeakerHandle) -> std::io::Result<()> {
     let (status, ctype, body) = if method != "GET" {
         (405, "text/plain", "only GET is supported\n".to_owned())
     } else {
-        route(path, query, sp).await
+        route(path, query, e).await
     };
     let reason = match status {
         200 => "OK",
@@ -100,15 +153,36 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn route(path: &str, query: &str, sp: &SpeakerHandle) -> (u16, &'static str, String) {
+async fn route(path: &str, query: &str, e: &Endpoints) -> (u16, &'static str, String) {
     const JSON: &str = "application/json";
-    match path {
-        "/healthz" => (200, "text/plain", "ok\n".into()),
-        "/peers" => match sp.peers().await {
-            Ok(p) => (200, JSON, serde_json::to_string(&p).unwrap_or_default()),
-            Err(e) => (503, "text/plain", format!("{e}\n")),
+    const TEXT: &str = "text/plain";
+    let probe = |r: Result<(), String>| match r {
+        Ok(()) => (200, TEXT, "ok\n".to_owned()),
+        Err(why) => (503, TEXT, format!("{why}\n")),
+    };
+    let speaker = e.speaker.get();
+    let not_started = || {
+        (
+            503,
+            TEXT,
+            "the BGP speaker has not started yet\n".to_owned(),
+        )
+    };
+    match (path, e.probes.as_deref()) {
+        ("/healthz", None) => (200, TEXT, "ok\n".into()),
+        ("/healthz" | "/livez", Some(p)) => probe(p.live()),
+        ("/readyz", Some(p)) => probe(p.ready()),
+        ("/peers", _) if e.status_api => match speaker {
+            None => not_started(),
+            Some(sp) => match sp.peers().await {
+                Ok(p) => (200, JSON, serde_json::to_string(&p).unwrap_or_default()),
+                Err(err) => (503, TEXT, format!("{err}\n")),
+            },
         },
-        "/routes" => {
+        ("/routes", _) if e.status_api => {
+            let Some(sp) = speaker else {
+                return not_started();
+            };
             let prefix = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("prefix="))
@@ -116,22 +190,38 @@ async fn route(path: &str, query: &str, sp: &SpeakerHandle) -> (u16, &'static st
             let filter = match prefix.as_deref().map(str::parse::<Prefix>) {
                 None => None,
                 Some(Ok(p)) => Some(p),
-                Some(Err(e)) => return (400, "text/plain", format!("prefix: {e}\n")),
+                Some(Err(err)) => return (400, TEXT, format!("prefix: {err}\n")),
             };
             match sp.routes(filter).await {
                 Ok(r) => (200, JSON, serde_json::to_string(&r).unwrap_or_default()),
-                Err(e) => (503, "text/plain", format!("{e}\n")),
+                Err(err) => (503, TEXT, format!("{err}\n")),
             }
         }
-        "/metrics" => match sp.peers().await {
-            Ok(p) => (
-                200,
-                "text/plain; version=0.0.4",
-                metrics(&p, &sp.metrics().update_latency),
-            ),
-            Err(e) => (503, "text/plain", format!("{e}\n")),
-        },
-        _ => (404, "text/plain", "try /peers, /routes, /metrics\n".into()),
+        ("/metrics", p) => {
+            let mut text = match speaker {
+                Some(sp) => match sp.peers().await {
+                    Ok(peers) => metrics(&peers, &sp.metrics().update_latency),
+                    Err(err) => return (503, TEXT, format!("{err}\n")),
+                },
+                None => String::new(),
+            };
+            if let Some(p) = p {
+                text.push_str(&p.metrics());
+            }
+            (200, "text/plain; version=0.0.4", text)
+        }
+        (_, p) => {
+            let mut paths = vec!["/metrics"];
+            if e.status_api {
+                paths.extend(["/peers", "/routes"]);
+            }
+            if p.is_some() {
+                paths.extend(["/livez", "/readyz"]);
+            } else {
+                paths.push("/healthz");
+            }
+            (404, TEXT, format!("try {}\n", paths.join(", ")))
+        }
     }
 }
 
@@ -277,6 +367,60 @@ pub fn metrics(peers: &[PeerStatus], latency: &Histogram) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Fake;
+    impl Probes for Fake {
+        fn live(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn ready(&self) -> Result<(), String> {
+            Err("waiting for the datastore sync".into())
+        }
+        fn metrics(&self) -> String {
+            "margay_bgpd_ready 0\n".into()
+        }
+    }
+
+    async fn get(e: &Endpoints, path: &str) -> (u16, String) {
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(serve(l, e.clone()));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        task.abort();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        (
+            head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+            body.to_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn probes_answer_before_the_speaker_and_the_status_api_only_where_allowed() {
+        let cell: Arc<OnceLock<SpeakerHandle>> = Arc::default();
+        let metrics_only = Endpoints::with_probes(cell.clone(), Arc::new(Fake), false);
+        assert_eq!(get(&metrics_only, "/livez").await, (200, "ok\n".into()));
+        assert_eq!(
+            get(&metrics_only, "/readyz").await,
+            (503, "waiting for the datastore sync\n".into())
+        );
+        assert_eq!(
+            get(&metrics_only, "/metrics").await,
+            (200, "margay_bgpd_ready 0\n".into())
+        );
+        // Routes are not for every address the metrics listen on.
+        assert_eq!(get(&metrics_only, "/peers").await.0, 404);
+        let status = Endpoints::with_probes(cell, Arc::new(Fake), true);
+        let (code, body) = get(&status, "/peers").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (503, "the BGP speaker has not started yet\n")
+        );
+    }
 
     #[test]
     fn percent_decoding_handles_slashes() {

@@ -1,10 +1,13 @@
 //! `margay-bgpd`: Margay's BGP speaker as a standalone daemon, for route reflectors,
-//! ToR emulation in the lab, and peering with routers.
+//! ToR emulation in the lab, and peering with routers. Two modes:
 //!
-//! Reads a YAML configuration (see `config.rs`), reloads it on SIGHUP applying only
-//! the difference, serves status and Prometheus metrics on a local HTTP address, can
-//! install learned routes through the workspace's kernel-route writer, and on
-//! SIGTERM/SIGINT closes every session with Cease/Administrative Shutdown.
+//! - A YAML configuration (see `config.rs`), reloaded on SIGHUP applying only the
+//!   difference; status and Prometheus metrics on a local HTTP address; learned routes can
+//!   be installed through the workspace's kernel-route writer.
+//! - `--cluster-route-reflector` (see `cluster.rs`): a route reflector of a Margay cluster,
+//!   its peers taken from the datastore as a node agent takes them.
+//!
+//! In both, SIGTERM/SIGINT closes every session with Cease/Administrative Shutdown.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +18,7 @@ use margay_bgp::{Speaker, SpeakerHandle};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
+mod cluster;
 mod config;
 mod http;
 mod kernel;
@@ -22,17 +26,83 @@ mod kernel;
 use config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "margay-bgpd", version, about = "Margay's BGP daemon")]
+#[command(
+    name = "margay-bgpd",
+    version,
+    about = "Margay's BGP daemon",
+    after_help = cluster::datastore_help()
+)]
 struct Cli {
     /// Configuration file (YAML).
     #[arg(short, long, default_value = "/etc/margay/bgpd.yaml")]
     config: PathBuf,
-    /// Check the configuration and exit.
+    /// Check the configuration (or, with --cluster-route-reflector, the settings) and exit.
     #[arg(long)]
     check: bool,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Run as a route reflector of a Margay cluster: register this node's margay.io Node as a
+    /// reflector and take the peers, the AS and the BGP settings from the datastore (Nodes,
+    /// BGPPeers, BGPConfiguration) instead of --config.
+    #[arg(long, conflicts_with = "config")]
+    cluster_route_reflector: bool,
+    #[command(flatten)]
+    cluster: cluster::Args,
+}
+
+fn init_logging(default_level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("margay-bgpd: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+fn exit_with(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("margay-bgpd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--cluster-route-reflector`: settings from flags and the environment, then the mode's loop.
+fn cluster_main(cli: &Cli) -> ExitCode {
+    let settings = match cluster::Settings::new(&cli.cluster, |k| std::env::var(k).ok()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("margay-bgpd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        print!("{}", settings.summary());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&settings.log_level, cli.log_json);
+    match runtime() {
+        Ok(rt) => exit_with(rt.block_on(cluster::run(settings))),
+        Err(code) => code,
+    }
 }
 
 /// The restart marker: present while the daemon runs, removed on a clean exit. Its
@@ -44,16 +114,10 @@ fn marker(dir: &Path) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        sub.json().init();
-    } else {
-        sub.init();
+    if cli.cluster_route_reflector {
+        return cluster_main(&cli);
     }
+    init_logging("info", cli.log_json);
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -65,23 +129,9 @@ fn main() -> ExitCode {
         println!("{}: ok ({} peers)", cli.config.display(), cfg.peers.len());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("margay-bgpd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli.config, cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            eprintln!("margay-bgpd: {e:#}");
-            ExitCode::FAILURE
-        }
+    match runtime() {
+        Ok(rt) => exit_with(rt.block_on(run(cli.config, cfg))),
+        Err(code) => code,
     }
 }
 
@@ -104,7 +154,7 @@ async fn run(path: PathBuf, mut cfg: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding status.listen {}", s.listen))?;
         info!(listen = %s.listen, "status API up");
-        tokio::spawn(http::serve(l, speaker.clone()));
+        tokio::spawn(http::serve(l, http::Endpoints::status_api(speaker.clone())));
     }
     match &cfg.kernel {
         Some(k) => {

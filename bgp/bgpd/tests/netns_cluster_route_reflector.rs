@@ -1,0 +1,483 @@
+//! `margay-bgpd --cluster-route-reflector` as the Helm chart runs it, against a real etcd, with
+//! real margay-node agents, each in a network namespace of its own on one bridge.
+//!
+//! The chart is rendered with `routeReflectors.enabled` and the mesh off; the margay.io
+//! resources it creates at install time (pool, BGPConfiguration, the BGPPeers
+//! `peer-with-route-reflectors` and `route-reflector-mesh`) are written to etcd as the
+//! post-install hook would, and the reflector runs with the exact command and environment of
+//! the StatefulSet's container (the downward-API fields filled in as the kubelet would).
+//!
+//! It shows that the reflector registers its Node (label, cluster ID, address from
+//! `status.hostIP`), turns ready, gives each agent the other's pod block with the original next
+//! hop, installs nothing itself, picks up a node added later without resetting the sessions
+//! it has, and closes its sessions with a NOTIFICATION on SIGTERM.
+
+use margay_api::store::etcd::{EtcdBackend, EtcdConfig};
+use margay_api::{BGPConfiguration, BGPPeer, IPAMConfig, IPPool, Node, Store};
+use margay_ipam::{AddressUse, Allocator, AllocatorConfig, AssignRequest};
+use margay_testkit::netns::{
+    can_build_namespaces, unique_prefix, wait_for, Fabric, KillOnDrop, TestNetns,
+};
+use margay_testkit::EtcdProcess;
+use serde_json::Value as Json;
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SUBNET: &str = "192.168.247";
+const HOST: &str = "192.168.247.1";
+const RR_ADDR: &str = "192.168.247.10";
+const ETCD_PREFIX: &str = "/margay-rr-test/";
+const POOL: &str = "10.78.0.0/16";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The chart rendered with `values` (YAML text): every object.
+fn render_chart(values: &str, dir: &Path) -> Vec<Value> {
+    let helm = root().join(".tools/bin/helm");
+    assert!(
+        helm.is_file(),
+        "helm is not installed at {}: run scripts/get-helm.sh (scripts/setup.sh does)",
+        helm.display()
+    );
+    let file = dir.join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    let out = Command::new(helm)
+        .args(["template", "margay"])
+        .arg(root().join("charts/margay"))
+        .args(["--namespace", "margay-system", "-f"])
+        .arg(&file)
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| {
+            let v = <Value as serde::Deserialize>::deserialize(d).unwrap();
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+/// margay-node, built by cargo (a test can only name the binaries of its own package).
+/// `MARGAY_NODE_BIN` points at one built already.
+fn margay_node_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MARGAY_NODE_BIN") {
+        return p.into();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args([
+            "build",
+            "-p",
+            "margay-node",
+            "--bin",
+            "margay-node",
+            "--message-format=json",
+        ])
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo build -p margay-node failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "margay-node")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported the margay-node executable")
+}
+
+/// GET `path` from `port` on the loopback of `ns`: (status code, body).
+fn http_get(ns: &TestNetns, port: u16, path: &str) -> Option<(u16, String)> {
+    let nspath = ns.path();
+    let path = path.to_owned();
+    std::thread::spawn(move || -> Option<(u16, String)> {
+        let f = std::fs::File::open(nspath).ok()?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let (head, body) = buf.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_owned()))
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+fn margay_routes(ns: &TestNetns) -> String {
+    ns.ip(&["route", "show", "proto", "77"]).unwrap_or_default()
+}
+
+/// The reflector's view of one peer, from the status API `margayctl bgp peers` reads.
+fn rr_peer(rr: &TestNetns, addr: &str) -> Option<Json> {
+    let (code, body) = http_get(rr, 9179, "/peers")?;
+    if code != 200 {
+        return None;
+    }
+    let peers: Vec<Json> = serde_json::from_str(&body).ok()?;
+    peers.into_iter().find(|p| p["address"] == addr)
+}
+
+fn established(p: &Option<Json>) -> bool {
+    p.as_ref().is_some_and(|p| p["state"] == "Established")
+}
+
+/// Prints the reflector's log when the test fails.
+struct LogOnFailure(PathBuf);
+
+impl Drop for LogOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("---- margay-bgpd log ----\n{log}");
+        }
+    }
+}
+
+/// The agent for node `i` (address .1i), with BGP, the way felix-lite's own tests run it.
+fn start_agent(bin: &Path, ns: &TestNetns, i: u8, etcd: &str, state: &Path) -> KillOnDrop {
+    KillOnDrop(
+        ns.command(bin.to_str().unwrap())
+            .env("NODENAME", format!("node{i}"))
+            .env("MARGAY_ETCD_ENDPOINTS", etcd)
+            .env("MARGAY_ETCD_PREFIX", ETCD_PREFIX)
+            .env("IP", format!("{SUBNET}.1{i}/24"))
+            .env("MARGAY_STATE_DIR", state.join(format!("n{i}")))
+            .env("MARGAY_BGP_ENABLED", "true")
+            .env("MARGAY_RESYNC_INTERVAL", "30s")
+            .env("MARGAY_HEALTH_LISTEN", "127.0.0.1:9099")
+            .env("MARGAY_METRICS_LISTEN", "127.0.0.1:9091")
+            .env("MARGAY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("margay-node starts"),
+    )
+}
+
+/// Claims node `i` a block by giving one of its pods an address; returns the block.
+async fn claim_block(store: &Store, i: u8) -> ipnet::IpNet {
+    let alloc = Allocator::new(
+        store.clone(),
+        format!("node{i}"),
+        AllocatorConfig {
+            node_labels: Some(BTreeMap::new()),
+            ..Default::default()
+        },
+    );
+    let got = alloc
+        .assign(&AssignRequest {
+            handle_id: format!("k8s-pod-network.pod{i}"),
+            num_v4: 1,
+            use_: AddressUse::Workload,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    got.addresses[0].block
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
+    if !can_build_namespaces("netns_cluster_route_reflector_as_the_chart_runs_it") {
+        return;
+    }
+    let build = Instant::now();
+    let node_bin = margay_node_binary();
+    println!(
+        "margay-node built (or found fresh) in {:?}",
+        build.elapsed()
+    );
+    let started = Instant::now();
+    let p = unique_prefix("mrr");
+    let mut fabric = Fabric::new(&p).unwrap();
+    fabric.attach_host(&format!("{HOST}/24")).unwrap();
+    let rr = TestNetns::create(&format!("{p}r")).unwrap();
+    fabric
+        .attach(&rr, "eth0", &format!("{RR_ADDR}/24"))
+        .unwrap();
+    let nodes: Vec<TestNetns> = (1..=3)
+        .map(|i| TestNetns::create(&format!("{p}n{i}")).unwrap())
+        .collect();
+    // Nodes 1 and 2 now; node 3 joins later.
+    for (i, ns) in nodes.iter().enumerate().take(2) {
+        fabric
+            .attach(ns, "eth0", &format!("{SUBNET}.1{}/24", i + 1))
+            .unwrap();
+    }
+    let host: IpAddr = HOST.parse().unwrap();
+    let etcd = EtcdProcess::start_listening_on(&[host]).await.unwrap();
+    let endpoint = etcd.endpoint_on(host);
+    let store = Store::new(Arc::new(
+        EtcdBackend::connect(EtcdConfig::new([etcd.endpoint()]).with_prefix(ETCD_PREFIX))
+            .await
+            .unwrap(),
+    ));
+    let work = tempfile::tempdir().unwrap();
+
+    // ---- the chart, rendered for this lab ----
+    let objs = render_chart(
+        &format!(
+            "datastore:\n  type: etcd\n  etcd:\n    endpoints: [\"{endpoint}\"]\n    prefix: \"{ETCD_PREFIX}\"\n\
+             bgp:\n  nodeToNodeMesh: false\n\
+             routeReflectors:\n  enabled: true\n\
+             ipPools:\n  - {{name: rr-test, cidr: \"{POOL}\", blockSize: 26, ipipMode: Never, vxlanMode: Never}}\n"
+        ),
+        work.path(),
+    );
+    // What the post-install hook creates.
+    let mut peer_names = Vec::new();
+    for o in objs
+        .iter()
+        .filter(|o| o["apiVersion"].as_str() == Some("margay.io/v1"))
+    {
+        let kind = o["kind"].as_str().unwrap();
+        match kind {
+            "IPPool" => {
+                store.create(&from_yaml::<IPPool>(o)).await.unwrap();
+            }
+            "IPAMConfig" => {
+                store.create(&from_yaml::<IPAMConfig>(o)).await.unwrap();
+            }
+            "BGPConfiguration" => {
+                let c = from_yaml::<BGPConfiguration>(o);
+                assert_eq!(c.spec.node_to_node_mesh_enabled, Some(false));
+                store.create(&c).await.unwrap();
+            }
+            "BGPPeer" => {
+                let bp = from_yaml::<BGPPeer>(o);
+                peer_names.push(bp.metadata.name.clone().unwrap());
+                store.create(&bp).await.unwrap();
+            }
+            other => panic!("the chart renders a margay.io {other} this test does not create"),
+        }
+    }
+    peer_names.sort();
+    assert_eq!(
+        peer_names,
+        ["peer-with-route-reflectors", "route-reflector-mesh"]
+    );
+    let sts = objs
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "margay-bgpd")
+        .expect("the chart renders the margay-bgpd StatefulSet");
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+
+    let mut blocks = BTreeMap::new();
+    for i in 1..=3u8 {
+        blocks.insert(i, claim_block(&store, i).await);
+    }
+
+    // ---- two agents, then the reflector exactly as the StatefulSet runs it ----
+    let mut agents: Vec<KillOnDrop> = (1..=2u8)
+        .map(|i| {
+            start_agent(
+                &node_bin,
+                &nodes[usize::from(i) - 1],
+                i,
+                &endpoint,
+                work.path(),
+            )
+        })
+        .collect();
+    let command: Vec<&str> = container["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .chain(container["args"].as_sequence().into_iter().flatten())
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(command[0], "margay-bgpd");
+    let mut cmd = rr.command(env!("CARGO_BIN_EXE_margay-bgpd"));
+    cmd.args(&command[1..]);
+    // Only what the chart sets (and PATH, for `ip netns exec`).
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for e in container["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = match (
+            e["value"].as_str(),
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(v), _) => v.to_owned(),
+            (None, Some("spec.nodeName")) => "rr1".to_owned(),
+            (None, Some("status.hostIP")) => RR_ADDR.to_owned(),
+            (None, Some("metadata.namespace")) => "margay-system".to_owned(),
+            _ => panic!("the test cannot provide env {name} = {e:?} as the kubelet would"),
+        };
+        cmd.env(name, value);
+    }
+    let log = work.path().join("margay-bgpd.log");
+    let _show_log = LogOnFailure(log.clone());
+    let mut reflector = KillOnDrop(
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("margay-bgpd starts"),
+    );
+    let rr_started = Instant::now();
+
+    // Ready once synced and registered; the probe says so on the chart's health port.
+    let ready = wait_for(
+        "the reflector's /readyz to answer 200",
+        Duration::from_secs(30),
+        || http_get(&rr, 9097, "/readyz").is_some_and(|(c, _)| c == 200),
+    );
+    println!("reflector ready {ready:?} after start");
+    let me: Node = store.get("rr1").await.unwrap();
+    let bgp = me.spec.bgp.clone().unwrap();
+    assert_eq!(
+        me.metadata.labels.as_ref().unwrap()["margay.io/route-reflector"],
+        "true"
+    );
+    assert_eq!(bgp.route_reflector_cluster_id.as_deref(), Some("224.0.0.1"));
+    assert_eq!(
+        bgp.ipv4_address.as_deref(),
+        Some(format!("{RR_ADDR}/24").as_str()),
+        "status.hostIP with its interface's prefix length"
+    );
+
+    // Each agent learns the other's block from the reflector, with the other node as next hop.
+    let route = |to: u8| format!("{} via {SUBNET}.1{to} dev eth0", blocks[&to]);
+    for (me, other) in [(1u8, 2u8), (2, 1)] {
+        let ns = &nodes[usize::from(me) - 1];
+        let took = wait_for(
+            &format!("node{me} to learn node{other}'s block"),
+            Duration::from_secs(60),
+            || margay_routes(ns).contains(&route(other)),
+        );
+        println!("node{me} has node{other}'s block {took:?} later");
+        assert!(
+            !margay_routes(ns).contains(RR_ADDR),
+            "a route points at the reflector: {}",
+            margay_routes(ns)
+        );
+    }
+    println!(
+        "both blocks reflected {:?} after the reflector started",
+        rr_started.elapsed()
+    );
+    // The reflector holds both clients as such, and installed nothing.
+    let before: Vec<Json> = [1u8, 2]
+        .iter()
+        .map(|i| rr_peer(&rr, &format!("{SUBNET}.1{i}")).expect("the reflector has the peer"))
+        .collect();
+    for p in &before {
+        assert_eq!(p["state"], "Established", "{p}");
+        assert_eq!(p["rr_client"], true, "{p}");
+        assert_eq!(p["messages_received"]["open"], 1, "{p}");
+    }
+    assert_eq!(margay_routes(&rr), "", "the reflector installs no routes");
+    assert!(!rr.ip(&["route"]).unwrap().contains("10.78."));
+    let (_, metrics) = http_get(&rr, 9095, "/metrics").expect("metrics answer");
+    assert!(
+        metrics.contains("margay_bgpd_route_reflector_clients 2\n")
+            && metrics.contains("margay_bgp_session_established{peer=\"192.168.247.11\"} 1"),
+        "{metrics}"
+    );
+
+    // ---- a node joins ----
+    fabric
+        .attach(&nodes[2], "eth0", &format!("{SUBNET}.13/24"))
+        .unwrap();
+    let joined = Instant::now();
+    agents.push(start_agent(&node_bin, &nodes[2], 3, &endpoint, work.path()));
+    for (me, other) in [(1u8, 3u8), (2, 3), (3, 1), (3, 2)] {
+        let ns = &nodes[usize::from(me) - 1];
+        wait_for(
+            &format!("node{me} to learn node{other}'s block"),
+            Duration::from_secs(60),
+            || margay_routes(ns).contains(&route(other)),
+        );
+    }
+    println!(
+        "node3's block everywhere and every block on node3 {:?} after it started",
+        joined.elapsed()
+    );
+    assert!(established(&rr_peer(&rr, &format!("{SUBNET}.13"))));
+    // The sessions with nodes 1 and 2 were not reset: same session, one OPEN each.
+    for (i, old) in [1u8, 2].iter().zip(&before) {
+        let now = rr_peer(&rr, &format!("{SUBNET}.1{i}")).unwrap();
+        assert_eq!(now["state"], "Established", "{now}");
+        assert_eq!(now["since"], old["since"], "node{i}'s session restarted");
+        assert_eq!(now["messages_received"]["open"], 1, "{now}");
+        assert_eq!(now["messages_sent"]["notification"], 0, "{now}");
+    }
+    // Its sessions are in the Node's status too.
+    wait_for(
+        "the reflector to report three sessions in its Node's status",
+        Duration::from_secs(20),
+        || {
+            let n: Option<Node> = block_on_store(store.try_get::<Node>("rr1")).flatten();
+            n.and_then(|n| n.status)
+                .map(|s| {
+                    s.bgp_peers
+                        .iter()
+                        .filter(|p| p.state == "Established")
+                        .count()
+                        == 3
+                })
+                .unwrap_or(false)
+        },
+    );
+
+    // ---- SIGTERM: every session closed with a NOTIFICATION ----
+    let pid = nix::unistd::Pid::from_raw(reflector.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stop = Instant::now();
+    let mut status = None;
+    wait_for(
+        "margay-bgpd to exit after SIGTERM",
+        Duration::from_secs(10),
+        || {
+            status = reflector.0.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(status.unwrap().success(), "exit status {status:?}");
+    // A NOTIFICATION (Cease) tells the agents not to keep the routes as a graceful restart
+    // would (they keep them for 120 s after a crash): the reflected block goes at once.
+    wait_for(
+        "node1 to drop node2's block after the reflector's Cease",
+        Duration::from_secs(10),
+        || !margay_routes(&nodes[0]).contains(&blocks[&2].to_string()),
+    );
+    println!(
+        "after SIGTERM: exited and node1 dropped the reflected route within {:?}",
+        stop.elapsed()
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("shutting down"), "{log_text}");
+    drop(agents);
+    println!("whole test {:?}", started.elapsed());
+}
+
+fn from_yaml<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+    serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:?}"))
+}
+
+/// Runs a datastore read from the synchronous `wait_for` closure.
+fn block_on_store<T>(
+    f: impl std::future::Future<Output = Result<T, margay_api::StoreError>>,
+) -> Option<T> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f)).ok()
+}
