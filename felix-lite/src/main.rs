@@ -1,11 +1,6 @@
 //! `margay-node`: the node agent. Settings come from `--config <file>` (YAML) and the
 //! environment (see `margay_node::config`).
 
-// The allocator's JSON documents and the agents' caches allocate a lot; glibc's malloc was a
-// third of the IPAM client's CPU (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::Context;
 use margay_node::agent::Agent;
 use margay_node::config::NodeConfig;

@@ -1,10 +1,5 @@
 //! `margayctl`: Margay's command-line tool.
 
-// The allocator's JSON documents and the agents' caches allocate a lot; glibc's malloc was a
-// third of the IPAM client's CPU (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use margay_api::store::etcd::EtcdConfig;

@@ -1,11 +1,6 @@
 //! `margay-cni install`: the chart's init container. Installs the CNI plugins and the conflist
 //! on the host and, in a cluster, the plugin's kubeconfig with a fresh token.
 
-// The allocator's JSON documents and the agents' caches allocate a lot; glibc's malloc was a
-// third of the IPAM client's CPU (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use margay_cni::install::{install, InstallConfig};
 use margay_cni::token;
 use std::process::ExitCode;

@@ -10,10 +10,6 @@
 //!
 //! Prints a Markdown table (the figures in docs/benchmarks.md come from it).
 
-// The allocator runs inside Margay's binaries, which all use mimalloc; so does the benchmark.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use margay_api::{IPPool, IPPoolSpec, Kind, Store};
 use margay_ipam::{Allocator, AllocatorConfig, AssignRequest};

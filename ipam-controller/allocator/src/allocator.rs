@@ -346,30 +346,14 @@ impl Allocator {
         policy: &Policy,
         affs: Vec<BlockAffinity>,
     ) -> Result<BTreeMap<IpNet, IPAMBlock>> {
-        let store = &self.inner.store;
         let node = &self.inner.node;
         let affs: Vec<(IpNet, BlockAffinity)> = affs
             .into_iter()
             .filter(|a| a.spec.node == *node && a.spec.state != AffinityState::PendingDeletion)
             .filter_map(|a| Some((a.spec.cidr.parse::<IpNet>().ok()?, a)))
             .collect();
-        // The blocks in batches of reads (one round trip each on etcd).
-        let mut found: Vec<Option<IPAMBlock>> = Vec::with_capacity(affs.len());
-        for chunk in affs.chunks(READ_BATCH) {
-            let reads = chunk.iter().fold(Reads::new(), |r, (cidr, _)| {
-                r.get::<IPAMBlock>(&names::block_name(cidr))
-            });
-            let mut set = store
-                .read(reads)
-                .await
-                .map_err(IpamError::store("read this node's blocks"))?;
-            for (i, (cidr, _)) in chunk.iter().enumerate() {
-                found.push(
-                    set.get::<IPAMBlock>(i)
-                        .map_err(IpamError::store(format!("read block {cidr}")))?,
-                );
-            }
-        }
+        let cidrs: Vec<IpNet> = affs.iter().map(|(c, _)| *c).collect();
+        let found = self.read_blocks(&cidrs).await?;
         let mut out = BTreeMap::new();
         for ((cidr, aff), blk) in affs.into_iter().zip(found) {
             match blk {
@@ -403,6 +387,30 @@ impl Allocator {
             }
         }
         Ok(out)
+    }
+
+    /// The blocks `cidrs`, in batches of reads (one round trip each on etcd); `None` for a
+    /// block that does not exist.
+    async fn read_blocks(&self, cidrs: &[IpNet]) -> Result<Vec<Option<IPAMBlock>>> {
+        let mut found = Vec::with_capacity(cidrs.len());
+        for chunk in cidrs.chunks(READ_BATCH) {
+            let reads = chunk.iter().fold(Reads::new(), |r, cidr| {
+                r.get::<IPAMBlock>(&names::block_name(cidr))
+            });
+            let mut set = self
+                .inner
+                .store
+                .read(reads)
+                .await
+                .map_err(IpamError::store("read this node's blocks"))?;
+            for (i, cidr) in chunk.iter().enumerate() {
+                found.push(
+                    set.get::<IPAMBlock>(i)
+                        .map_err(IpamError::store(format!("read block {cidr}")))?,
+                );
+            }
+        }
+        Ok(found)
     }
 
     async fn delete_affinity(&self, aff: &BlockAffinity) -> Result<()> {
@@ -1068,8 +1076,9 @@ impl Allocator {
         let mut out = Vec::new();
 
         // 1. This node's blocks in the chosen pools: those with room in the cached copy first;
-        // the ones that look full are read again only if those do not suffice.
-        let mine: Vec<(IpNet, PoolView)> = {
+        // the ones that look full are read again, all in one batch, only if those do not
+        // suffice (others' releases do not reach the cache).
+        let mine: Vec<(bool, IpNet, PoolView)> = {
             let now = self.now();
             let blocks = self.my_blocks(st, policy).await?;
             let mut v: Vec<(bool, IpNet, PoolView)> = blocks
@@ -1082,15 +1091,37 @@ impl Allocator {
                 })
                 .collect();
             v.sort_by_key(|(full, c, _)| (*full, *c));
-            v.into_iter().map(|(_, c, p)| (c, p)).collect()
+            v
         };
-        for (cidr, pv) in &mine {
+        let mut refreshed = false;
+        for (i, (full, cidr, pv)) in mine.iter().enumerate() {
+            let mut start = None;
+            if *full {
+                if !refreshed {
+                    let rest: Vec<IpNet> = mine[i..].iter().map(|(_, c, _)| *c).collect();
+                    let fresh = self.read_blocks(&rest).await?;
+                    if let Some(cache) = st.blocks.as_mut() {
+                        for (c, b) in rest.iter().zip(fresh) {
+                            match b {
+                                Some(b) => cache.insert(*c, b),
+                                None => cache.remove(c),
+                            };
+                        }
+                    }
+                    refreshed = true;
+                }
+                // Just read: `alloc_in_block` takes it as fresh and does not read it again.
+                start = st.blocks.as_mut().and_then(|c| c.remove(cidr));
+                if start.is_none() {
+                    continue;
+                }
+            }
             let want = n - out.len();
             let cache = st.blocks.as_mut();
             let got = self
                 .alloc_in_block(
                     cache,
-                    None,
+                    start,
                     cidr,
                     want,
                     h,

@@ -770,6 +770,55 @@ fn writes(log: Vec<String>) -> Vec<String> {
 /// On a store that commits atomically, a block claim is one commit (confirmed affinity and
 /// block), an allocation in a block with room is one commit (handle and block), and so is each
 /// kind of release.
+/// When every block the node holds looks full, they are all read again in one batch (someone
+/// may have released an address) before a new block is claimed; not one read per block.
+#[tokio::test]
+async fn full_blocks_are_read_again_in_one_batch_before_a_claim() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.62.0.0/24", Some(30)))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let a = alloc(&store, "n1", &clock);
+    for i in 0..8 {
+        a.assign(&v4(&format!("h{i}"), 1)).await.unwrap();
+    }
+    rec.take();
+    a.assign(&v4("h8", 1)).await.unwrap();
+    let log = rec.take();
+    let reads: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("IPAMBlock 10-62"))
+        .collect();
+    let blocks: Vec<String> = ["10.62.0.0/30", "10.62.0.4/30"]
+        .iter()
+        .map(|c| names::block_name(&c.parse().unwrap()))
+        .collect();
+    let batch = format!(
+        "read [get IPAMBlock {}, get IPAMBlock {}]",
+        blocks[0], blocks[1]
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.starts_with("read [get IPAMBlock"))
+            .count(),
+        1,
+        "one batch for the full blocks: {log:#?}"
+    );
+    assert!(log.contains(&batch), "{log:#?}");
+    assert!(
+        !log.iter().any(|l| l.starts_with("get IPAMBlock")),
+        "no block read on its own: {reads:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("commit [create BlockAffinity")),
+        "then a claim: {log:#?}"
+    );
+    assert_consistent(&store).await;
+}
+
 /// Round trips, not just writes: a fresh allocator (a CNI process) reads everything it needs
 /// in two batches (settings with this node's affinities, then its blocks), and an allocation
 /// in a block with room is then one commit; a block claim lists block names, not documents.

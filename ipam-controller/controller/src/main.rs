@@ -4,11 +4,6 @@
 //! The datastore comes from the environment as for every Margay component
 //! (`MARGAY_DATASTORE_TYPE`, `MARGAY_ETCD_ENDPOINTS`, `MARGAY_ETCD_PREFIX`, `KUBECONFIG`).
 
-// The allocator's JSON documents and the agents' caches allocate a lot; glibc's malloc was a
-// third of the IPAM client's CPU (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::{bail, Context};
 use margay_api::store::etcd::EtcdBackend;
 use margay_api::store::kube::KubeBackend;
