@@ -20,7 +20,7 @@ use margay_bgp_wire::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 #[derive(Parser)]
 #[command(name = "bgp-bench", about = "BGP benchmark injector and collector")]
@@ -117,10 +117,13 @@ fn rss_kib(pid: Option<u32>) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-/// Prefixes held by one collector: a bitset and a count.
+/// Prefixes held by one collector: a bitset and a count, and the count with the
+/// time the reader finished the UPDATE that changed it, so a wait ends with the
+/// moment the last prefix arrived rather than the next poll after it.
 struct Held {
     bits: std::sync::Mutex<Vec<u64>>,
     count: AtomicI64,
+    changed: watch::Sender<(i64, Instant)>,
 }
 
 impl Held {
@@ -128,11 +131,28 @@ impl Held {
         Arc::new(Self {
             bits: std::sync::Mutex::new(vec![0; 1 << 18]),
             count: AtomicI64::new(0),
+            changed: watch::Sender::new((0, Instant::now())),
         })
     }
 
     fn count(&self) -> i64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// When the count first satisfied `done` (now, if it already does).
+    async fn reached(
+        &self,
+        t: Duration,
+        what: &str,
+        done: impl Fn(i64) -> bool,
+    ) -> anyhow::Result<Instant> {
+        let mut rx = self.changed.subscribe();
+        let r = tokio::time::timeout(t, rx.wait_for(|(c, _)| done(*c))).await;
+        match r {
+            Ok(Ok(v)) => Ok(v.1),
+            Ok(Err(_)) => bail!("the collector stopped before {what}"),
+            Err(_) => bail!("timed out after {t:?} waiting for {what}"),
+        }
     }
 }
 
@@ -236,7 +256,11 @@ async fn connect(local: IpAddr, dut: IpAddr, asn: u32, dut_asn: u32) -> anyhow::
                         }
                     }
                 }
-                held.count.fetch_add(delta, Ordering::Relaxed);
+                if delta != 0 {
+                    let now = Instant::now();
+                    let c = held.count.fetch_add(delta, Ordering::Relaxed) + delta;
+                    held.changed.send_replace((c, now));
+                }
             }
         });
     }
@@ -301,17 +325,6 @@ impl Peer {
     }
 }
 
-async fn wait_until(t: Duration, what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > t {
-            bail!("timed out after {t:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
-
 async fn count_cmd(cmd: &str) -> i64 {
     let out = tokio::process::Command::new("sh")
         .args(["-c", cmd])
@@ -341,26 +354,30 @@ async fn main() -> anyhow::Result<()> {
             let base = c.held.count();
             let ann = i.announcements(0..prefixes)?;
             let wd = i.withdrawals(0..prefixes)?;
+            let n = i64::from(prefixes);
             let t0 = Instant::now();
             i.send(&ann).await?;
-            let n = i64::from(prefixes);
-            wait_until(
-                Duration::from_secs(300),
-                "all prefixes at the collector",
-                || c.held.count() >= base + n,
-            )
-            .await?;
-            let announce = t0.elapsed();
+            let announce = c
+                .held
+                .reached(
+                    Duration::from_secs(300),
+                    "all prefixes at the collector",
+                    |h| h >= base + n,
+                )
+                .await?
+                - t0;
             let (hwm, _) = rss_kib(dut_pid);
             let t1 = Instant::now();
             i.send(&wd).await?;
-            wait_until(
-                Duration::from_secs(300),
-                "all withdrawals at the collector",
-                || c.held.count() <= base,
-            )
-            .await?;
-            let withdraw = t1.elapsed();
+            let withdraw = c
+                .held
+                .reached(
+                    Duration::from_secs(300),
+                    "all withdrawals at the collector",
+                    |h| h <= base,
+                )
+                .await?
+                - t1;
             println!(
                 "{}",
                 serde_json::json!({
@@ -441,13 +458,19 @@ async fn main() -> anyhow::Result<()> {
                 s.await??;
             }
             let want = i64::from((clients - 1) * per_client);
-            wait_until(
-                Duration::from_secs(timeout),
-                "every client to hold the others' prefixes",
-                || peers.iter().all(|p| p.held.count() >= want),
-            )
-            .await?;
-            let t = t0.elapsed();
+            let deadline = Duration::from_secs(timeout);
+            let mut last = t0;
+            for p in peers.iter() {
+                let left = deadline.saturating_sub(t0.elapsed());
+                let at = p
+                    .held
+                    .reached(left, "every client to hold the others' prefixes", |h| {
+                        h >= want
+                    })
+                    .await?;
+                last = last.max(at);
+            }
+            let t = last - t0;
             let (hwm, rss) = rss_kib(dut_pid);
             let paths = u64::from(clients * per_client);
             println!(

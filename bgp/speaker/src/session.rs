@@ -794,8 +794,15 @@ async fn reader(
                 ev,
                 ConnEvent::HeaderErr(..) | ConnEvent::OpenErr(..) | ConnEvent::UpdateErr(..)
             );
+            let routes = matches!(ev, ConnEvent::Routes(..));
             if tx.send(ev).await.is_err() || stop {
                 return;
+            }
+            if routes {
+                // The session task that passes these on was woken onto this worker
+                // and waits for it: let it run now rather than after the whole read
+                // is decoded, so the speaker starts on the first UPDATE at once.
+                tokio::task::yield_now().await;
             }
         }
     }

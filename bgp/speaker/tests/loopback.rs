@@ -294,3 +294,48 @@ async fn send_hold_timer_closes_a_session_whose_peer_stopped_reading() {
     }
     panic!("the session stayed up although the peer stopped reading");
 }
+
+#[tokio::test]
+async fn a_listen_address_in_use_is_an_error_and_the_next_start_works() {
+    let addr = ip(1, 9);
+    let port = free_port();
+    let taken = std::net::TcpListener::bind(SocketAddr::new(addr, port)).unwrap();
+    let IpAddr::V4(id) = addr else { unreachable!() };
+    let mut c = SpeakerConfig::new(65001, id);
+    c.listen = vec![SocketAddr::new(addr, port)];
+    match Speaker::start(c.clone()).await {
+        Err(margay_bgp::SpeakerError::Listen { addr: a, .. }) => {
+            assert_eq!(a, SocketAddr::new(addr, port))
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("started on an address in use"),
+    }
+    drop(taken);
+    let (h, _best) = Speaker::start(c).await.unwrap();
+    assert!(h.peers().await.unwrap().is_empty());
+    h.shutdown("test over").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_flow_when_the_embedder_runs_a_multi_thread_runtime() {
+    let (a_ip, b_ip) = (ip(1, 10), ip(2, 10));
+    let (pa, pb) = (free_port(), free_port());
+    let (a, _a_best) = speaker(65001, a_ip, pa).await;
+    let (b, mut b_best) = speaker(65002, b_ip, pb).await;
+    a.add_peer(peer(b_ip, 65002, pb, a_ip)).await.unwrap();
+    let mut pb_cfg = peer(a_ip, 65001, pa, b_ip);
+    pb_cfg.mode = ConnectMode::Passive;
+    b.add_peer(pb_cfg).await.unwrap();
+    a.announce(pfx("10.10.0.0/24"), PathAttrs::default())
+        .unwrap();
+    let got = wait_for(&mut b_best, "10.10.0.0/24 at b", |c| {
+        c.prefix == pfx("10.10.0.0/24") && c.best.is_some()
+    })
+    .await;
+    assert_eq!(got.best.unwrap().next_hops, vec![a_ip]);
+    a.withdraw(pfx("10.10.0.0/24")).unwrap();
+    wait_for(&mut b_best, "the withdrawal at b", |c| {
+        c.prefix == pfx("10.10.0.0/24") && c.best.is_none()
+    })
+    .await;
+}

@@ -397,13 +397,13 @@ pub fn encode(batch: &OutBatch, ctx: &Context, out: &mut BytesMut) -> Result<usi
     let packer = UpdatePacker::new(ctx);
     let mut n = 0;
     for family in [Family::Ipv4Unicast, Family::Ipv6Unicast] {
-        let w: Vec<Nlri> = batch
+        let mut w = batch
             .withdrawn
             .iter()
             .filter(|p| p.family() == family)
             .map(|p| Nlri::new(*p))
-            .collect();
-        if !w.is_empty() {
+            .peekable();
+        if w.peek().is_some() {
             n += packer.withdraw(family, w, out)?;
         }
     }
