@@ -31,8 +31,8 @@ use margay_kernel::mtu::{pod_mtu, Encap};
 use margay_kernel::nat::{Nat, NatPool};
 use margay_kernel::tunnel::{VxlanSpec, VXLAN_DEVICE};
 use margay_kernel::{
-    FdbEntry, KernelError, Neighbour, NextHop, RouteFilter, RouteKey, RouteWriter, WriteOp,
-    MAIN_TABLE, MARGAY_RT_PROTO,
+    FdbEntry, KernelError, Neighbour, RouteFilter, RouteKey, RouteWriter, WriteOp, MAIN_TABLE,
+    MARGAY_RT_PROTO,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -1013,7 +1013,7 @@ impl Agent {
         let mut ops = Vec::new();
         let mut repairs = 0;
         for r in &desired.routes {
-            let same = by_key.get(&r.key()).is_some_and(|k| matches_kernel(r, k));
+            let same = by_key.get(&r.key()).is_some_and(|k| r.matches(k));
             if !same {
                 if self.programmed.get(&r.key()) == Some(r) {
                     repairs += 1;
@@ -1200,17 +1200,5 @@ async fn next_event(
     match events {
         Some(sub) => Some(sub.next_batch().await),
         None => std::future::pending().await,
-    }
-}
-
-/// Whether the kernel's route is the one wanted (by type, gateway and onlink).
-fn matches_kernel(want: &margay_kernel::Route, have: &margay_kernel::KernelRoute) -> bool {
-    use margay_kernel::RouteType;
-    match &want.next_hop {
-        NextHop::Blackhole => have.kind == RouteType::Blackhole,
-        NextHop::Gateway { gw, onlink, .. } => {
-            have.kind == RouteType::Unicast && have.gateway == Some(*gw) && have.onlink == *onlink
-        }
-        NextHop::Device(_) => have.kind == RouteType::Unicast && have.gateway.is_none(),
     }
 }

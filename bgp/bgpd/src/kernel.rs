@@ -6,9 +6,13 @@
 //! forwarding during a graceful restart) and swept once the restart time has passed,
 //! by which point everything still valid has been learned again.
 //!
-//! With `bgp.multipath` a best route carries every next hop of its ECMP set.
-//! `margay-kernel`'s [`Route`] has one next hop (no `RTA_MULTIPATH` yet), so until it
-//! has one, [`route_through`] installs the best of them and the daemon says so once.
+//! With `bgp.multipath` a best route carries every next hop of its ECMP set, and
+//! [`route_through`] installs one multipath route (`RTA_MULTIPATH`, equal weights) through
+//! all of them; a prefix with one usable next hop gets a plain `via` route. The kernel
+//! refuses a multipath route as a whole when any of its gateways is unreachable (not on a
+//! connected subnet); the prefix is then installed through its best next hop alone
+//! ([`best_only`]) and the daemon warns, so turning multipath on never loses a route that
+//! best-path routing would have installed.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -17,7 +21,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use margay_bgp::{BestRouteChange, BestRouteStream, RouteOrigin};
-use margay_kernel::route::{Route, RouteFilter, RouteKey, WriteOp};
+use margay_kernel::route::{NextHop, PathHop, Route, RouteFilter, RouteKey, WriteOp};
 use margay_kernel::RouteWriter;
 use tracing::{info, warn};
 
@@ -56,13 +60,29 @@ pub fn gateways(c: &BestRouteChange, dst: IpNet) -> Vec<IpAddr> {
     v
 }
 
-/// The route to `dst` through `gateways` (best first), if there is one.
-///
-/// More than one gateway should be one multipath route (`RTA_MULTIPATH`), which
-/// `margay-kernel` cannot express yet: the best gateway alone is installed.
+/// The route to `dst` through `gateways` (best first, each once, of `dst`'s family, as
+/// [`gateways`] gives them), if there is one: `via` the gateway when there is one, a
+/// multipath route with every gateway at weight 1 when there are more. BGP carries no
+/// bandwidth here, so the paths of an ECMP set share flows equally.
 pub fn route_through(dst: IpNet, table: u32, gateways: &[IpAddr]) -> Option<Route> {
-    let gw = *gateways.first()?;
-    Some(Route::via(dst, gw).in_table(table))
+    if gateways.is_empty() {
+        return None;
+    }
+    let hops = gateways.iter().map(|&g| PathHop::via(g)).collect();
+    // One hop comes back as a plain `via` route.
+    Some(Route::multipath(dst, hops).in_table(table))
+}
+
+/// For a multipath route, the same route through its first (best) next hop alone: what
+/// to install when the kernel refuses the whole set. `None` for any other route.
+pub fn best_only(route: &Route) -> Option<Route> {
+    let NextHop::Multipath(hops) = &route.next_hop else {
+        return None;
+    };
+    let best = hops.first()?;
+    let mut r = Route::multipath(route.dst, vec![best.clone()]).in_table(route.table);
+    r.metric = route.metric;
+    Some(r)
 }
 
 pub fn start(
@@ -93,7 +113,6 @@ pub fn start(
         });
     }
     tokio::spawn(async move {
-        let mut told_ecmp = false;
         while let Some(batch) = best.recv().await {
             let mut ops = Vec::with_capacity(batch.len());
             {
@@ -101,15 +120,6 @@ pub fn start(
                     return;
                 };
                 for c in &batch {
-                    if !told_ecmp && c.best.as_ref().is_some_and(|b| b.next_hops.len() > 1) {
-                        told_ecmp = true;
-                        warn!(
-                            prefix = %c.prefix,
-                            next_hops = ?c.best.as_ref().map(|b| &b.next_hops),
-                            "ECMP set learned, but margay-kernel cannot install multipath routes yet: \
-                             installing each prefix through its best next hop only"
-                        );
-                    }
                     match to_route(c, table) {
                         (key, Some(r)) => {
                             inst.insert(key);
@@ -126,24 +136,60 @@ pub fn start(
             if ops.is_empty() {
                 continue;
             }
-            match writer.apply(ops).await {
-                Ok(results) => {
-                    let failed: Vec<String> = results
-                        .iter()
-                        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
-                        .collect();
-                    if !failed.is_empty() {
-                        warn!(count = failed.len(), first = %failed[0], "kernel route writes failed");
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "kernel route writer gone; no more routes installed");
-                    return;
-                }
+            let fallbacks: Vec<Option<Route>> = ops
+                .iter()
+                .map(|op| match op {
+                    WriteOp::ReplaceRoute(r) => best_only(r),
+                    _ => None,
+                })
+                .collect();
+            let Some(results) = apply(&writer, ops).await else {
+                return;
+            };
+            let retry: Vec<WriteOp> = results
+                .iter()
+                .zip(fallbacks)
+                .filter(|(r, _)| r.is_err())
+                .filter_map(|(_, f)| f.map(WriteOp::ReplaceRoute))
+                .collect();
+            if retry.is_empty() {
+                continue;
+            }
+            warn!(
+                count = retry.len(),
+                first = %retry[0],
+                "the kernel refused multipath routes (a gateway of the set is unreachable?); \
+                 installing them through their best next hop only"
+            );
+            if apply(&writer, retry).await.is_none() {
+                return;
             }
         }
     });
     Ok(())
+}
+
+/// Applies `ops` and logs the failures; `None` when the writer is gone.
+async fn apply(
+    writer: &RouteWriter,
+    ops: Vec<WriteOp>,
+) -> Option<Vec<Result<(), margay_kernel::KernelError>>> {
+    match writer.apply(ops).await {
+        Ok(results) => {
+            let failed: Vec<String> = results
+                .iter()
+                .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+                .collect();
+            if !failed.is_empty() {
+                warn!(count = failed.len(), first = %failed[0], "kernel route writes failed");
+            }
+            Some(results)
+        }
+        Err(e) => {
+            warn!(error = %e, "kernel route writer gone; no more routes installed");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -210,13 +256,77 @@ mod tests {
         let dst: IpNet = "10.1.0.0/24".parse().unwrap();
         let gws: Vec<String> = gateways(&c, dst).iter().map(|g| g.to_string()).collect();
         assert_eq!(gws, ["10.0.0.2", "10.0.0.4", "10.0.0.5"]);
-        // Until margay-kernel has multipath routes, the best gateway is installed.
         let (_, r) = to_route(&c, 254);
-        assert!(r.unwrap().to_string().contains("via 10.0.0.2"));
+        let r = r.unwrap();
+        r.validate().unwrap();
+        assert_eq!(
+            r.to_string(),
+            "10.1.0.0/24 nexthop via 10.0.0.2 weight 1 nexthop via 10.0.0.4 weight 1 \
+             nexthop via 10.0.0.5 weight 1 table 254"
+        );
         let v6 = change("2001:db8:1::/48", peer, &["10.0.0.2", "2001:db8::3"]);
         let gws = gateways(&v6, "2001:db8:1::/48".parse().unwrap());
         assert_eq!(gws, vec!["2001:db8::3".parse::<IpAddr>().unwrap()]);
         let local = change("10.1.0.0/24", RouteOrigin::Local, &["10.0.0.2"]);
         assert!(gateways(&local, dst).is_empty());
+    }
+
+    #[test]
+    fn several_gateways_make_one_multipath_route_one_makes_a_via_route() {
+        let dst: IpNet = "2001:db8:1::/48".parse().unwrap();
+        let g1: IpAddr = "2001:db8::2".parse().unwrap();
+        let g2: IpAddr = "2001:db8::3".parse().unwrap();
+        let r = route_through(dst, 100, &[g1, g2]).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.table, 100);
+        assert_eq!(
+            r.next_hop,
+            NextHop::Multipath(vec![PathHop::via(g1), PathHop::via(g2)])
+        );
+        assert_eq!(
+            route_through(dst, 100, &[g2]).unwrap(),
+            Route::via(dst, g2).in_table(100)
+        );
+        assert!(route_through(dst, 100, &[]).is_none());
+    }
+
+    #[test]
+    fn an_ecmp_set_collapsing_to_one_usable_gateway_is_a_via_route() {
+        let peer = RouteOrigin::Peer {
+            address: "10.0.0.2".parse().unwrap(),
+            ebgp: false,
+        };
+        // Two next hops, one of the wrong family and one repeated: one usable gateway.
+        let c = change(
+            "2001:db8:1::/48",
+            peer,
+            &["10.0.0.2", "2001:db8::3", "2001:db8::3"],
+        );
+        let (key, r) = to_route(&c, 254);
+        assert_eq!(key, RouteKey::new(254, "2001:db8:1::/48".parse().unwrap()));
+        assert_eq!(
+            r.unwrap(),
+            Route::via(
+                "2001:db8:1::/48".parse().unwrap(),
+                "2001:db8::3".parse().unwrap()
+            )
+            .in_table(254)
+        );
+    }
+
+    #[test]
+    fn a_refused_multipath_route_falls_back_to_its_best_next_hop() {
+        let dst: IpNet = "10.1.0.0/24".parse().unwrap();
+        let best: IpAddr = "10.0.0.5".parse().unwrap();
+        let r = route_through(dst, 100, &[best, "10.0.0.2".parse().unwrap()])
+            .unwrap()
+            .with_metric(20);
+        let b = best_only(&r).unwrap();
+        assert_eq!(b, Route::via(dst, best).in_table(100).with_metric(20));
+        assert!(
+            best_only(&b).is_none(),
+            "a via route has nothing to fall back to"
+        );
+        assert!(best_only(&Route::blackhole(dst)).is_none());
     }
 }

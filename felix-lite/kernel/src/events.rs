@@ -378,6 +378,7 @@ mod tests {
                 oif,
                 onlink: false,
                 metric: None,
+                multipath: Vec::new(),
             },
         })
     }

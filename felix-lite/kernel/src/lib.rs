@@ -36,8 +36,8 @@ pub use error::KernelError;
 pub use link::{AddressOptions, LinkInfo, VethSpec};
 pub use netlink::Netlink;
 pub use route::{
-    Device, Family, KernelRoute, NextHop, Route, RouteFilter, RouteKey, RouteType, WriteOp,
-    MAIN_TABLE, MARGAY_RT_PROTO,
+    Device, Family, KernelPathHop, KernelRoute, NextHop, PathHop, Route, RouteFilter, RouteKey,
+    RouteType, WriteOp, MAIN_TABLE, MARGAY_RT_PROTO,
 };
 pub use tunnel::{FdbEntry, Neighbour, VxlanSpec};
 pub use writer::{RouteWriter, SweepReport};

@@ -1,6 +1,6 @@
 //! Host MTU detection and pod MTU arithmetic.
 
-use crate::route::{Family, RouteFilter, MAIN_TABLE};
+use crate::route::{Family, KernelRoute, RouteFilter, MAIN_TABLE};
 use crate::{KernelError, Netlink};
 
 /// An encapsulation that eats into the pod MTU.
@@ -55,11 +55,14 @@ impl Netlink {
                 ..Default::default()
             })?;
             let mut best: Option<u32> = None;
-            for r in routes.iter().filter(|r| r.dst.prefix_len() == 0) {
-                if let Some(oif) = r.oif {
-                    if let Some(l) = self.link_by_index(oif)? {
-                        best = Some(best.map_or(l.mtu, |b| b.min(l.mtu)));
-                    }
+            let oifs: Vec<u32> = routes
+                .iter()
+                .filter(|r| r.dst.prefix_len() == 0)
+                .flat_map(KernelRoute::oifs)
+                .collect();
+            for oif in oifs {
+                if let Some(l) = self.link_by_index(oif)? {
+                    best = Some(best.map_or(l.mtu, |b| b.min(l.mtu)));
                 }
             }
             if let Some(m) = best {

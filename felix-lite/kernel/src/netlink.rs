@@ -164,18 +164,20 @@ impl Netlink {
     /// already gone are `Ok`. Device names are resolved once per call.
     pub fn apply(&mut self, ops: &[WriteOp]) -> Vec<Result<(), KernelError>> {
         let mut names: HashMap<String, Option<u32>> = HashMap::new();
-        for op in ops {
-            let dev = match op {
-                WriteOp::ReplaceRoute(r) => r.device(),
-                WriteOp::ReplaceNeighbour(n) | WriteOp::DeleteNeighbour(n) => Some(&n.dev),
-                WriteOp::ReplaceFdb(e) | WriteOp::DeleteFdb(e) => Some(&e.dev),
-                WriteOp::DeleteRoute(_) => None,
-            };
-            if let Some(Device::Name(n)) = dev {
+        let mut note = |d: &Device| {
+            if let Device::Name(n) = d {
                 if !names.contains_key(n) {
                     let idx = self.link_index(n).ok().flatten();
                     names.insert(n.clone(), idx);
                 }
+            }
+        };
+        for op in ops {
+            match op {
+                WriteOp::ReplaceRoute(r) => r.devices().for_each(&mut note),
+                WriteOp::ReplaceNeighbour(n) | WriteOp::DeleteNeighbour(n) => note(&n.dev),
+                WriteOp::ReplaceFdb(e) | WriteOp::DeleteFdb(e) => note(&e.dev),
+                WriteOp::DeleteRoute(_) => {}
             }
         }
         let resolve = |d: &Device| -> Option<u32> {
@@ -554,13 +556,12 @@ fn build_request(
     Ok(Some(match op {
         WriteOp::ReplaceRoute(r) => {
             r.validate()?;
-            let oif = r.device().map(need).transpose()?;
             Request {
                 msg: RouteNetlinkMessage::NewRoute(route::replace_route_message(
                     r,
                     MARGAY_RT_PROTO,
-                    oif,
-                )),
+                    need,
+                )?),
                 flags: REPLACE,
             }
         }
@@ -723,8 +724,9 @@ mod tests {
     #[test]
     fn emitted_header_is_what_the_kernel_expects() {
         let r = Route::blackhole("10.65.1.0/26".parse().unwrap());
-        let msg =
-            RouteNetlinkMessage::NewRoute(route::replace_route_message(&r, MARGAY_RT_PROTO, None));
+        let msg = RouteNetlinkMessage::NewRoute(
+            route::replace_route_message(&r, MARGAY_RT_PROTO, |_| unreachable!()).unwrap(),
+        );
         let b = request_bytes(&msg, REPLACE, 42);
         let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
         assert_eq!(len, b.len());

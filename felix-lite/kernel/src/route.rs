@@ -1,15 +1,30 @@
 //! Routes: what Margay asks for ([`Route`], [`WriteOp`]), what the kernel has
 //! ([`KernelRoute`]), and the pure pieces around them (message building, decoding, the sweep
 //! plan).
+//!
+//! # Multipath routes
+//!
+//! [`NextHop::Multipath`] is one route with several weighted next hops (`RTA_MULTIPATH`, what
+//! `ip route add <prefix> nexthop via A weight 1 nexthop via B weight 1` writes): ECMP, or
+//! weighted ECMP. A multipath route has at least two next hops; one next hop is a
+//! [`NextHop::Gateway`]. [`Route::multipath`] turns a one-hop set into that form, and
+//! [`Route::validate`] refuses a `Multipath` of fewer than two, so the kernel is never asked for
+//! a one-hop `RTA_MULTIPATH` (it would store and report it as a plain `via` route anyway).
+//!
+//! IPv4 and IPv6 alike are sent as one `RTA_MULTIPATH` route, and a dump reports each as one
+//! route with its next hops in [`KernelRoute::multipath`]: IPv6 keeps the next hops as sibling
+//! routes internally, but has dumped them as one message since Linux 4.11. An older kernel
+//! would list the siblings as separate single-hop routes of the same key; the sweep and the
+//! replace-by-key semantics here still hold for those.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-    RouteType as NlRouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHop,
+    RouteNextHopFlags, RouteProtocol, RouteScope, RouteType as NlRouteType,
 };
 use netlink_packet_route::AddressFamily;
 
@@ -71,6 +86,61 @@ impl From<&str> for Device {
     }
 }
 
+/// The weight of a next hop of a multipath route when none is given.
+pub const DEFAULT_WEIGHT: u16 = 1;
+/// The largest weight the kernel can store (`rtnh_hops` is a byte holding weight − 1).
+pub const MAX_WEIGHT: u16 = 256;
+
+/// One next hop of a multipath route: `nexthop via <gw> [dev X] [onlink] weight <w>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathHop {
+    pub gw: IpAddr,
+    pub dev: Option<Device>,
+    pub onlink: bool,
+    /// 1..=256: this hop's share of the flows is `weight / sum of weights`.
+    pub weight: u16,
+}
+
+impl PathHop {
+    /// `nexthop via <gw> weight 1`.
+    pub fn via(gw: IpAddr) -> PathHop {
+        PathHop {
+            gw,
+            dev: None,
+            onlink: false,
+            weight: DEFAULT_WEIGHT,
+        }
+    }
+
+    /// `nexthop via <gw> dev <dev> [onlink] weight 1`.
+    pub fn via_dev(gw: IpAddr, dev: impl Into<Device>, onlink: bool) -> PathHop {
+        PathHop {
+            gw,
+            dev: Some(dev.into()),
+            onlink,
+            weight: DEFAULT_WEIGHT,
+        }
+    }
+
+    pub fn with_weight(mut self, weight: u16) -> PathHop {
+        self.weight = weight;
+        self
+    }
+}
+
+impl fmt::Display for PathHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "nexthop via {}", self.gw)?;
+        if let Some(d) = &self.dev {
+            write!(f, " dev {d}")?;
+        }
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        write!(f, " weight {}", self.weight)
+    }
+}
+
 /// Where a route sends traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NextHop {
@@ -80,6 +150,9 @@ pub enum NextHop {
         dev: Option<Device>,
         onlink: bool,
     },
+    /// `<prefix> nexthop via <gw1> ... weight <w1> nexthop via <gw2> ...`: two or more next
+    /// hops sharing the flows by weight (see the module documentation).
+    Multipath(Vec<PathHop>),
     /// `<prefix> dev X scope link` (pod host routes on `cali*`).
     Device(Device),
     /// `blackhole <prefix>` (the node's own blocks).
@@ -119,6 +192,19 @@ impl Route {
                 onlink,
             },
         )
+    }
+
+    /// `<dst>` through every hop of `hops`, sharing flows by weight. One hop gives the plain
+    /// `via` route of that hop (its weight means nothing alone); none gives a route that
+    /// [`Route::validate`] refuses.
+    pub fn multipath(dst: IpNet, mut hops: Vec<PathHop>) -> Route {
+        if hops.len() == 1 {
+            let PathHop {
+                gw, dev, onlink, ..
+            } = hops.remove(0);
+            return Route::new(dst, NextHop::Gateway { gw, dev, onlink });
+        }
+        Route::new(dst, NextHop::Multipath(hops))
     }
 
     /// `<dst> dev <dev> scope link`.
@@ -161,32 +247,141 @@ impl Route {
         Family::of(&self.dst)
     }
 
-    pub(crate) fn device(&self) -> Option<&Device> {
-        match &self.next_hop {
-            NextHop::Gateway { dev, .. } => dev.as_ref(),
-            NextHop::Device(d) => Some(d),
-            NextHop::Blackhole => None,
-        }
+    /// Every device the route names (the route's, or its next hops').
+    pub(crate) fn devices(&self) -> impl Iterator<Item = &Device> {
+        let (single, hops): (Option<&Device>, &[PathHop]) = match &self.next_hop {
+            NextHop::Gateway { dev, .. } => (dev.as_ref(), &[]),
+            NextHop::Multipath(hops) => (None, hops),
+            NextHop::Device(d) => (Some(d), &[]),
+            NextHop::Blackhole => (None, &[]),
+        };
+        single
+            .into_iter()
+            .chain(hops.iter().filter_map(|h| h.dev.as_ref()))
     }
 
-    /// Checks what the kernel would refuse with a less helpful message.
+    /// Checks what the kernel would refuse with a less helpful message, and what it would
+    /// take in a form that reads back differently (a one-hop multipath route).
     pub fn validate(&self) -> Result<(), crate::KernelError> {
-        if let NextHop::Gateway { gw, dev, onlink } = &self.next_hop {
-            if gw.is_ipv4() != self.dst.addr().is_ipv4() {
-                return Err(crate::KernelError::Invalid(format!(
-                    "route {}: gateway {gw} is of another address family",
-                    self.dst
-                )));
+        // The key, not the whole route: a route of thousands of next hops is refused for that.
+        let invalid = |why: String| {
+            Err(crate::KernelError::Invalid(format!(
+                "route {}: {why}",
+                self.key()
+            )))
+        };
+        match &self.next_hop {
+            NextHop::Gateway { gw, dev, onlink } => {
+                if gw.is_ipv4() != self.dst.addr().is_ipv4() {
+                    return invalid(format!(
+                        "gateway {gw} is of another address family than the destination"
+                    ));
+                }
+                if *onlink && dev.is_none() {
+                    return invalid("onlink needs a device".into());
+                }
             }
-            if *onlink && dev.is_none() {
-                return Err(crate::KernelError::Invalid(format!(
-                    "route {}: onlink needs a device",
-                    self.dst
-                )));
+            NextHop::Multipath(hops) => {
+                if hops.len() < 2 {
+                    return invalid(format!(
+                        "a multipath route needs at least two next hops, this has {}; \
+                         build it with Route::multipath, which makes one hop a plain via route",
+                        hops.len()
+                    ));
+                }
+                let most = max_path_hops(self.family());
+                if hops.len() > most {
+                    return invalid(format!(
+                        "{} next hops do not fit in one RTA_MULTIPATH attribute; at most {most} do",
+                        hops.len()
+                    ));
+                }
+                // Same gateway twice is a duplicate unless both hops name different devices
+                // (an IPv6 link-local gateway can sit behind several interfaces).
+                let mut seen: HashMap<IpAddr, Vec<Option<&Device>>> = HashMap::new();
+                for h in hops {
+                    if h.gw.is_ipv4() != self.dst.addr().is_ipv4() {
+                        return invalid(format!(
+                            "next hop {} is of another address family than the destination",
+                            h.gw
+                        ));
+                    }
+                    if h.onlink && h.dev.is_none() {
+                        return invalid(format!("next hop {}: onlink needs a device", h.gw));
+                    }
+                    if !(1..=MAX_WEIGHT).contains(&h.weight) {
+                        return invalid(format!(
+                            "next hop {}: weight {} is outside 1..={MAX_WEIGHT}",
+                            h.gw, h.weight
+                        ));
+                    }
+                    let devs = seen.entry(h.gw).or_default();
+                    let dev = h.dev.as_ref();
+                    if devs
+                        .iter()
+                        .any(|d| d.is_none() || dev.is_none() || *d == dev)
+                    {
+                        return invalid(format!(
+                            "next hop {} appears twice; give each gateway once (or each on its \
+                             own device)",
+                            h.gw
+                        ));
+                    }
+                    devs.push(dev);
+                }
             }
+            NextHop::Device(_) | NextHop::Blackhole => {}
         }
         Ok(())
     }
+
+    /// Whether the kernel's route `have` (of the same key) is this route: same type, same
+    /// gateway and onlink flag, and for a multipath route the same set of (gateway, onlink,
+    /// weight), in any order. Devices are not compared (the kernel reports indexes, routes name
+    /// devices).
+    pub fn matches(&self, have: &KernelRoute) -> bool {
+        match &self.next_hop {
+            NextHop::Blackhole => have.kind == RouteType::Blackhole,
+            NextHop::Gateway { gw, onlink, .. } => {
+                have.kind == RouteType::Unicast
+                    && have.multipath.is_empty()
+                    && have.gateway == Some(*gw)
+                    && have.onlink == *onlink
+            }
+            NextHop::Device(_) => {
+                have.kind == RouteType::Unicast
+                    && have.multipath.is_empty()
+                    && have.gateway.is_none()
+            }
+            NextHop::Multipath(hops) => {
+                if have.kind != RouteType::Unicast || have.multipath.len() != hops.len() {
+                    return false;
+                }
+                let mut want: Vec<(Option<IpAddr>, bool, u16)> = hops
+                    .iter()
+                    .map(|h| (Some(h.gw), h.onlink, h.weight))
+                    .collect();
+                let mut got: Vec<(Option<IpAddr>, bool, u16)> = have
+                    .multipath
+                    .iter()
+                    .map(|h| (h.gateway, h.onlink, h.weight))
+                    .collect();
+                want.sort_unstable();
+                got.sort_unstable();
+                want == got
+            }
+        }
+    }
+}
+
+/// How many next hops fit in one `RTA_MULTIPATH` attribute (its length is 16 bits): each is an
+/// 8-byte `rtnexthop` with an `RTA_GATEWAY` of 8 (IPv4) or 20 (IPv6) bytes.
+pub fn max_path_hops(family: Family) -> usize {
+    let hop = match family {
+        Family::V4 => 16,
+        Family::V6 => 28,
+    };
+    (usize::from(u16::MAX) - 4) / hop
 }
 
 impl fmt::Display for Route {
@@ -199,6 +394,12 @@ impl fmt::Display for Route {
                 }
                 if *onlink {
                     f.write_str(" onlink")?;
+                }
+            }
+            NextHop::Multipath(hops) => {
+                write!(f, "{}", self.dst)?;
+                for h in hops {
+                    write!(f, " {h}")?;
                 }
             }
             NextHop::Device(d) => write!(f, "{} dev {d} scope link", self.dst)?,
@@ -275,6 +476,19 @@ pub enum RouteType {
     Other(u8),
 }
 
+/// One next hop of a multipath route as the kernel reports it (`struct rtnexthop`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPathHop {
+    /// `None` for a hop without a gateway (`nexthop dev X`), or with one of the other family
+    /// (`RTA_VIA`, which Margay does not write).
+    pub gateway: Option<IpAddr>,
+    /// `rtnh_ifindex`; `None` when the kernel reports 0.
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// 1..=256 (`rtnh_hops` + 1).
+    pub weight: u16,
+}
+
 /// A route as the kernel reports it in a dump or an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelRoute {
@@ -283,10 +497,16 @@ pub struct KernelRoute {
     pub protocol: u8,
     pub kind: RouteType,
     pub scope: u8,
+    /// The gateway of a single-path route; `None` for a multipath route.
     pub gateway: Option<IpAddr>,
+    /// The output device of a single-path route; `None` for a multipath route (see
+    /// [`KernelRoute::oifs`]).
     pub oif: Option<u32>,
     pub onlink: bool,
     pub metric: Option<u32>,
+    /// The next hops of a multipath route (`RTA_MULTIPATH`), in the kernel's order; empty for
+    /// every other route.
+    pub multipath: Vec<KernelPathHop>,
 }
 
 impl KernelRoute {
@@ -296,6 +516,55 @@ impl KernelRoute {
 
     pub fn family(&self) -> Family {
         Family::of(&self.dst)
+    }
+
+    /// Every output device of the route: its own, or those of its multipath next hops.
+    pub fn oifs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.oif
+            .into_iter()
+            .chain(self.multipath.iter().filter_map(|h| h.oif))
+    }
+}
+
+/// Like `ip route show`, with device indexes (`if7`) for device names.
+impl fmt::Display for KernelRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            RouteType::Unicast => {}
+            RouteType::Local => f.write_str("local ")?,
+            RouteType::Blackhole => f.write_str("blackhole ")?,
+            RouteType::Unreachable => f.write_str("unreachable ")?,
+            RouteType::Prohibit => f.write_str("prohibit ")?,
+            RouteType::Other(t) => write!(f, "type {t} ")?,
+        }
+        write!(f, "{}", self.dst)?;
+        if let Some(g) = self.gateway {
+            write!(f, " via {g}")?;
+        }
+        if let Some(i) = self.oif {
+            write!(f, " dev if{i}")?;
+        }
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        for h in &self.multipath {
+            f.write_str(" nexthop")?;
+            if let Some(g) = h.gateway {
+                write!(f, " via {g}")?;
+            }
+            if let Some(i) = h.oif {
+                write!(f, " dev if{i}")?;
+            }
+            if h.onlink {
+                f.write_str(" onlink")?;
+            }
+            write!(f, " weight {}", h.weight)?;
+        }
+        write!(f, " proto {} table {}", self.protocol, self.table)?;
+        if let Some(m) = self.metric {
+            write!(f, " metric {m}")?;
+        }
+        Ok(())
     }
 }
 
@@ -321,7 +590,7 @@ impl RouteFilter {
         self.family.is_none_or(|f| f == r.family())
             && self.protocol.is_none_or(|p| p == r.protocol)
             && self.table.is_none_or(|t| t == r.table)
-            && oif.is_none_or(|i| r.oif == Some(i))
+            && oif.is_none_or(|i| r.oifs().any(|o| o == i))
     }
 }
 
@@ -366,9 +635,13 @@ fn address(ip: IpAddr) -> RouteAddress {
     }
 }
 
-/// The `RTM_NEWROUTE` body for `route`; `oif` is the resolved device index, if the route has a
-/// device.
-pub fn replace_route_message(route: &Route, protocol: u8, oif: Option<u32>) -> RouteMessage {
+/// The `RTM_NEWROUTE` body for `route`; `ifindex` resolves the devices the route names (its
+/// error is returned as is). Does not validate: [`Route::validate`] first.
+pub fn replace_route_message(
+    route: &Route,
+    protocol: u8,
+    ifindex: impl Fn(&Device) -> Result<u32, crate::KernelError>,
+) -> Result<RouteMessage, crate::KernelError> {
     let family = route.family();
     let mut h = header(family, &route.dst, route.table, protocol);
     let mut attrs = Vec::with_capacity(5);
@@ -376,18 +649,30 @@ pub fn replace_route_message(route: &Route, protocol: u8, oif: Option<u32>) -> R
         attrs.push(RouteAttribute::Destination(address(route.dst.addr())));
     }
     attrs.push(RouteAttribute::Table(route.table));
+    let mut oif = None;
     match &route.next_hop {
-        NextHop::Gateway { gw, onlink, .. } => {
+        NextHop::Gateway { gw, dev, onlink } => {
             h.scope = RouteScope::Universe;
             h.kind = NlRouteType::Unicast;
             if *onlink {
                 h.flags = RouteFlags::from_bits_retain(RTNH_F_ONLINK);
             }
             attrs.push(RouteAttribute::Gateway(address(*gw)));
+            oif = dev.as_ref().map(&ifindex).transpose()?;
         }
-        NextHop::Device(_) => {
+        NextHop::Multipath(hops) => {
+            h.scope = RouteScope::Universe;
+            h.kind = NlRouteType::Unicast;
+            let mut nhs = Vec::with_capacity(hops.len());
+            for hop in hops {
+                nhs.push(path_hop(hop, &ifindex)?);
+            }
+            attrs.push(RouteAttribute::MultiPath(nhs));
+        }
+        NextHop::Device(d) => {
             h.scope = RouteScope::Link;
             h.kind = NlRouteType::Unicast;
+            oif = Some(ifindex(d)?);
         }
         NextHop::Blackhole => {
             h.scope = RouteScope::Universe;
@@ -403,7 +688,28 @@ pub fn replace_route_message(route: &Route, protocol: u8, oif: Option<u32>) -> R
     let mut m = RouteMessage::default();
     m.header = h;
     m.attributes = attrs;
-    m
+    Ok(m)
+}
+
+/// One `struct rtnexthop` of `RTA_MULTIPATH` (rtnetlink(7)): length, flags, `rtnh_hops` (the
+/// weight minus one), ifindex (0: the kernel finds the device from the gateway), then the
+/// hop's own `RTA_GATEWAY`.
+fn path_hop(
+    hop: &PathHop,
+    ifindex: impl Fn(&Device) -> Result<u32, crate::KernelError>,
+) -> Result<RouteNextHop, crate::KernelError> {
+    let mut nh = RouteNextHop::default();
+    if hop.onlink {
+        nh.flags = RouteNextHopFlags::Onlink;
+    }
+    // Validated to 1..=256; clamped so an unvalidated route cannot wrap to another weight.
+    nh.hops = (hop.weight.clamp(1, MAX_WEIGHT) - 1) as u8;
+    nh.interface_index = match &hop.dev {
+        Some(d) => ifindex(d)?,
+        None => 0,
+    };
+    nh.attributes = vec![RouteAttribute::Gateway(address(hop.gw))];
+    Ok(nh)
 }
 
 /// The `RTM_DELROUTE` body for the route `key` of `protocol`. The protocol is part of the match,
@@ -439,6 +745,7 @@ pub fn decode_route(msg: &RouteMessage) -> Option<KernelRoute> {
     let mut gateway = None;
     let mut oif = None;
     let mut metric = None;
+    let mut multipath = Vec::new();
     for a in &msg.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(x)) => dst_addr = Some((*x).into()),
@@ -448,6 +755,7 @@ pub fn decode_route(msg: &RouteMessage) -> Option<KernelRoute> {
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::MultiPath(nhs) => multipath = nhs.iter().map(decode_path_hop).collect(),
             _ => {}
         }
     }
@@ -475,7 +783,22 @@ pub fn decode_route(msg: &RouteMessage) -> Option<KernelRoute> {
         oif,
         onlink: h.flags.bits() & RTNH_F_ONLINK != 0,
         metric,
+        multipath,
     })
+}
+
+fn decode_path_hop(nh: &RouteNextHop) -> KernelPathHop {
+    let gateway = nh.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(x)) => Some(IpAddr::V4(*x)),
+        RouteAttribute::Gateway(RouteAddress::Inet6(x)) => Some(IpAddr::V6(*x)),
+        _ => None,
+    });
+    KernelPathHop {
+        gateway,
+        oif: (nh.interface_index != 0).then_some(nh.interface_index),
+        onlink: nh.flags.contains(RouteNextHopFlags::Onlink),
+        weight: u16::from(nh.hops) + 1,
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +809,20 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A device resolver for routes that name none.
+    fn no_dev(d: &Device) -> Result<u32, crate::KernelError> {
+        panic!("route names device {d}")
+    }
+
+    /// A device resolver giving every device index `i`.
+    fn idx(i: u32) -> impl Fn(&Device) -> Result<u32, crate::KernelError> {
+        move |_| Ok(i)
     }
 
     /// Emits `msg` as a full netlink message and decodes it again, as the kernel's echo would.
@@ -507,7 +844,7 @@ mod tests {
     #[test]
     fn blackhole_v4_bytes() {
         let r = Route::blackhole(net("10.65.1.0/26"));
-        let (buf, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, None));
+        let (buf, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, no_dev).unwrap());
         // rtmsg: family 2, dst_len 26, src_len 0, tos 0, table 254, proto 77, scope 0, type 6.
         assert_eq!(&buf[16..24], &[2, 26, 0, 0, 254, 77, 0, 6]);
         // RTA_DST (1), 8 bytes, 10.65.1.0.
@@ -526,7 +863,7 @@ mod tests {
             "tunl0",
             true,
         );
-        let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, Some(7)));
+        let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, idx(7)).unwrap());
         assert!(back.onlink);
         assert_eq!(back.oif, Some(7));
         assert_eq!(back.gateway, Some("192.168.0.12".parse().unwrap()));
@@ -537,7 +874,7 @@ mod tests {
     #[test]
     fn device_route_is_link_scoped() {
         let r = Route::dev(net("10.65.0.5/32"), "cali1234567890a");
-        let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, Some(9)));
+        let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, idx(9)).unwrap());
         assert_eq!(back.scope, 253);
         assert_eq!(back.oif, Some(9));
         assert_eq!(back.gateway, None);
@@ -548,7 +885,7 @@ mod tests {
         let r = Route::via(net("fd00:65::/122"), "fd00::12".parse().unwrap())
             .in_table(1000)
             .with_metric(512);
-        let msg = replace_route_message(&r, MARGAY_RT_PROTO, None);
+        let msg = replace_route_message(&r, MARGAY_RT_PROTO, no_dev).unwrap();
         assert_eq!(msg.header.table, 0, "tables >255 go in RTA_TABLE only");
         let (_, back) = round_trip(msg);
         assert_eq!(back.table, 1000);
@@ -560,7 +897,7 @@ mod tests {
     #[test]
     fn default_route_has_no_dst_attribute() {
         let r = Route::via(net("0.0.0.0/0"), "169.254.1.1".parse().unwrap());
-        let msg = replace_route_message(&r, MARGAY_RT_PROTO, Some(2));
+        let msg = replace_route_message(&r, MARGAY_RT_PROTO, idx(2)).unwrap();
         assert!(!msg
             .attributes
             .iter()
@@ -616,6 +953,7 @@ mod tests {
             oif: None,
             onlink: false,
             metric: None,
+            multipath: Vec::new(),
         }
     }
 
@@ -655,5 +993,306 @@ mod tests {
         };
         assert!(!f.matches(&r, None));
         assert!(!RouteFilter::default().matches(&r, Some(3)));
+    }
+
+    // ===== multipath =====
+
+    fn two_hops_v4() -> Route {
+        Route::multipath(
+            net("10.80.0.0/24"),
+            vec![
+                PathHop::via_dev(ip("192.0.2.2"), "v0", false).with_weight(3),
+                PathHop::via_dev(ip("203.0.113.2"), "w0", true),
+            ],
+        )
+    }
+
+    #[test]
+    fn multipath_v4_bytes_and_round_trip() {
+        let r = two_hops_v4();
+        r.validate().unwrap();
+        let dev = |d: &Device| match d.to_string().as_str() {
+            "v0" => Ok(2),
+            "w0" => Ok(3),
+            o => panic!("unexpected device {o}"),
+        };
+        let msg = replace_route_message(&r, MARGAY_RT_PROTO, dev).unwrap();
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Oif(_))),
+            "a multipath route has its gateways and devices in RTA_MULTIPATH only"
+        );
+        let (buf, back) = round_trip(msg);
+        // rtmsg: family 2, dst_len 24, table 254, proto 77, scope universe, type unicast.
+        assert_eq!(&buf[16..24], &[2, 24, 0, 0, 254, 77, 0, 1]);
+        // RTA_MULTIPATH (9), 4 + 2 × 16 bytes, after RTA_DST (8 bytes) and RTA_TABLE (8 bytes).
+        assert_eq!(&buf[44..48], &[36, 0, 9, 0]);
+        // rtnexthop: len 16, flags 0, hops 2 (weight 3), ifindex 2; RTA_GATEWAY 192.0.2.2.
+        assert_eq!(
+            &buf[48..64],
+            &[16, 0, 0, 2, 2, 0, 0, 0, 8, 0, 5, 0, 192, 0, 2, 2]
+        );
+        // rtnexthop: len 16, flags RTNH_F_ONLINK, hops 0 (weight 1), ifindex 3.
+        assert_eq!(
+            &buf[64..80],
+            &[16, 0, 4, 0, 3, 0, 0, 0, 8, 0, 5, 0, 203, 0, 113, 2]
+        );
+        assert_eq!(back.gateway, None);
+        assert_eq!(back.oif, None);
+        assert_eq!(
+            back.multipath,
+            vec![
+                KernelPathHop {
+                    gateway: Some(ip("192.0.2.2")),
+                    oif: Some(2),
+                    onlink: false,
+                    weight: 3,
+                },
+                KernelPathHop {
+                    gateway: Some(ip("203.0.113.2")),
+                    oif: Some(3),
+                    onlink: true,
+                    weight: 1,
+                },
+            ]
+        );
+        assert_eq!(back.oifs().collect::<Vec<_>>(), vec![2, 3]);
+        assert!(r.matches(&back));
+    }
+
+    #[test]
+    fn multipath_v6_round_trip_with_extreme_weights() {
+        let r = Route::multipath(
+            net("fd00:80::/64"),
+            vec![
+                PathHop::via(ip("2001:db8::2")).with_weight(MAX_WEIGHT),
+                PathHop::via(ip("2001:db8:1::2")),
+                PathHop::via(ip("2001:db8:2::2")).with_weight(7),
+            ],
+        )
+        .with_metric(1024);
+        r.validate().unwrap();
+        let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, no_dev).unwrap());
+        assert_eq!(back.family(), Family::V6);
+        assert_eq!(back.metric, Some(1024));
+        let got: Vec<(Option<IpAddr>, Option<u32>, u16)> = back
+            .multipath
+            .iter()
+            .map(|h| (h.gateway, h.oif, h.weight))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(ip("2001:db8::2")), None, 256),
+                (Some(ip("2001:db8:1::2")), None, 1),
+                (Some(ip("2001:db8:2::2")), None, 7),
+            ]
+        );
+        assert!(r.matches(&back));
+    }
+
+    /// Decodes one `RTM_NEWROUTE` as the kernel sent it.
+    fn decode_captured(hex_msg: &str) -> KernelRoute {
+        let buf: Vec<u8> = (0..hex_msg.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex_msg[i..i + 2], 16).unwrap())
+            .collect();
+        let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).unwrap();
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) = m.payload else {
+            panic!("not a route")
+        };
+        decode_route(&m).unwrap()
+    }
+
+    #[test]
+    fn multipath_routes_dumped_by_linux_6_18_decode() {
+        // `ip route add 10.80.0.0/24 proto 77 nexthop via 192.0.2.2 dev v0 weight 3 nexthop
+        // via 203.0.113.2 dev w0 onlink` (v0 is ifindex 2, w0 3), then an RTM_GETROUTE dump.
+        let v4 = decode_captured(
+            "500000001800020001000000894e000002180000fe4d00010000000008000f00fe000000080001000a\
+             50000024000900100000020200000008000500c0000202100004000300000008000500cb007102",
+        );
+        assert_eq!(v4.dst, net("10.80.0.0/24"));
+        assert_eq!(
+            (v4.protocol, v4.kind, v4.gateway, v4.oif),
+            (77, RouteType::Unicast, None, None)
+        );
+        assert_eq!(
+            v4.to_string(),
+            "10.80.0.0/24 nexthop via 192.0.2.2 dev if2 weight 3 \
+             nexthop via 203.0.113.2 dev if3 onlink weight 1 proto 77 table 254"
+        );
+        assert!(two_hops_v4().matches(&v4));
+
+        // `ip -6 route add fd00:80::/64 proto 77 nexthop via 2001:db8::2 dev v0 weight 2
+        // nexthop via 2001:db8:1::2 dev w0`: the kernel keeps two sibling routes and dumps
+        // them as one message with RTA_MULTIPATH (and RTA_CACHEINFO, RTA_PREF).
+        let v6 = decode_captured(
+            "a80000001800020001000000b44e00000a400000fe4d00010000000008000f00fe00000014000100fd\
+             00008000000000000000000000000008000600000400003c0009001c000001020000001400050020010d\
+             b80000000000000000000000021c000000030000001400050020010db800010000000000000000000224\
+             000c0000000000000000000000000000000000000000000000000000000000000000000500140000000000",
+        );
+        assert_eq!(v6.dst, net("fd00:80::/64"));
+        assert_eq!(v6.metric, Some(1024));
+        assert_eq!(
+            v6.to_string(),
+            "fd00:80::/64 nexthop via 2001:db8::2 dev if2 weight 2 \
+             nexthop via 2001:db8:1::2 dev if3 weight 1 proto 77 table 254 metric 1024"
+        );
+        let want = Route::multipath(
+            net("fd00:80::/64"),
+            vec![
+                PathHop::via(ip("2001:db8:1::2")),
+                PathHop::via(ip("2001:db8::2")).with_weight(2),
+            ],
+        );
+        assert!(
+            want.matches(&v6),
+            "the order of the next hops does not matter"
+        );
+    }
+
+    #[test]
+    fn one_hop_multipath_is_a_via_route() {
+        let r = Route::multipath(
+            net("10.80.0.0/24"),
+            vec![PathHop::via_dev(ip("192.0.2.2"), "v0", true).with_weight(9)],
+        );
+        assert_eq!(
+            r,
+            Route::via_dev(net("10.80.0.0/24"), ip("192.0.2.2"), "v0", true)
+        );
+    }
+
+    #[test]
+    fn validate_refuses_bad_multipath_routes() {
+        let dst = net("10.80.0.0/24");
+        let mp = |hops: Vec<PathHop>| Route {
+            next_hop: NextHop::Multipath(hops),
+            ..Route::blackhole(dst)
+        };
+        let err = |r: Route| r.validate().unwrap_err().to_string();
+        let a = || PathHop::via(ip("192.0.2.2"));
+        let b = || PathHop::via(ip("192.0.2.3"));
+
+        assert!(err(mp(vec![])).contains("at least two next hops, this has 0"));
+        assert!(err(mp(vec![a()])).contains("at least two next hops, this has 1"));
+        assert!(err(mp(vec![a(), PathHop::via(ip("2001:db8::2"))]))
+            .contains("next hop 2001:db8::2 is of another address family"));
+        assert!(err(mp(vec![a(), b(), a()])).contains("next hop 192.0.2.2 appears twice"));
+        assert!(
+            err(mp(vec![
+                PathHop::via_dev(ip("192.0.2.2"), "v0", false),
+                a()
+            ]))
+            .contains("appears twice"),
+            "a gateway without a device may resolve to the same device"
+        );
+        assert!(err(mp(vec![a().with_weight(0), b()])).contains("weight 0 is outside 1..=256"));
+        assert!(err(mp(vec![a(), b().with_weight(257)])).contains("weight 257 is outside"));
+        let onlink_no_dev = PathHop {
+            onlink: true,
+            ..b()
+        };
+        assert!(err(mp(vec![a(), onlink_no_dev])).contains("192.0.2.3: onlink needs a device"));
+        let many: Vec<PathHop> = (0..=max_path_hops(Family::V4) as u32)
+            .map(|i| PathHop::via(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))))
+            .collect();
+        assert!(err(mp(many)).contains("do not fit in one RTA_MULTIPATH attribute"));
+
+        assert!(mp(vec![a().with_weight(1), b().with_weight(MAX_WEIGHT)])
+            .validate()
+            .is_ok());
+        // The same IPv6 link-local gateway behind two interfaces is two next hops.
+        let ll = ip("fe80::1");
+        let r = Route::multipath(
+            net("fd00:80::/64"),
+            vec![
+                PathHop::via_dev(ll, "eth0", false),
+                PathHop::via_dev(ll, "eth1", false),
+            ],
+        );
+        assert!(r.validate().is_ok(), "{:?}", r.validate());
+    }
+
+    #[test]
+    fn the_largest_multipath_route_fits_its_attribute() {
+        for (fam, dst) in [(Family::V4, "10.80.0.0/24"), (Family::V6, "fd00:80::/64")] {
+            let hops: Vec<PathHop> = (0..max_path_hops(fam) as u32)
+                .map(|i| {
+                    PathHop::via(match fam {
+                        Family::V4 => IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                        Family::V6 => {
+                            IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)))
+                        }
+                    })
+                })
+                .collect();
+            let r = Route::multipath(net(dst), hops);
+            r.validate().unwrap();
+            let (_, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, no_dev).unwrap());
+            assert_eq!(back.multipath.len(), max_path_hops(fam), "{fam:?}");
+            assert!(r.matches(&back));
+        }
+    }
+
+    #[test]
+    fn matches_compares_the_set_of_next_hops() {
+        let r = two_hops_v4();
+        let mut have = kr("10.80.0.0/24", 254, MARGAY_RT_PROTO);
+        have.multipath = vec![
+            KernelPathHop {
+                gateway: Some(ip("203.0.113.2")),
+                oif: Some(3),
+                onlink: true,
+                weight: 1,
+            },
+            KernelPathHop {
+                gateway: Some(ip("192.0.2.2")),
+                oif: Some(2),
+                onlink: false,
+                weight: 3,
+            },
+        ];
+        assert!(r.matches(&have));
+        let mut other_weight = have.clone();
+        other_weight.multipath[1].weight = 1;
+        assert!(!r.matches(&other_weight));
+        let mut other_gw = have.clone();
+        other_gw.multipath[0].gateway = Some(ip("203.0.113.3"));
+        assert!(!r.matches(&other_gw));
+        let mut fewer = have.clone();
+        fewer.multipath.pop();
+        assert!(!r.matches(&fewer));
+        // A multipath route in the kernel is neither a via route nor a device route.
+        assert!(!Route::via(net("10.80.0.0/24"), ip("192.0.2.2")).matches(&have));
+        assert!(!Route::dev(net("10.80.0.0/24"), "v0").matches(&have));
+        // And a via route in the kernel is not a multipath route.
+        let mut single = kr("10.80.0.0/24", 254, MARGAY_RT_PROTO);
+        single.gateway = Some(ip("192.0.2.2"));
+        assert!(!r.matches(&single));
+        assert!(Route::via(net("10.80.0.0/24"), ip("192.0.2.2")).matches(&single));
+    }
+
+    #[test]
+    fn device_filter_matches_any_next_hop_of_a_multipath_route() {
+        let r = decode_captured(
+            "500000001800020001000000894e000002180000fe4d00010000000008000f00fe000000080001000a\
+             50000024000900100000020200000008000500c0000202100004000300000008000500cb007102",
+        );
+        assert!(RouteFilter::default().matches(&r, Some(2)));
+        assert!(RouteFilter::default().matches(&r, Some(3)));
+        assert!(!RouteFilter::default().matches(&r, Some(4)));
+    }
+
+    #[test]
+    fn multipath_display() {
+        assert_eq!(
+            two_hops_v4().in_table(100).to_string(),
+            "10.80.0.0/24 nexthop via 192.0.2.2 dev v0 weight 3 \
+             nexthop via 203.0.113.2 dev w0 onlink weight 1 table 100"
+        );
     }
 }
