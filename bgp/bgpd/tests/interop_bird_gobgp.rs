@@ -651,3 +651,190 @@ fn interop_graceful_restart_kill9_keeps_forwarding() {
     assert_eq!(accepted, "0", "BIRD saw a withdrawal: {withdraws}\n{stats}");
     assert!(g.proc.log_text().contains("restarting gracefully"));
 }
+
+/// Case 11: Extended next hop (RFC 8950) on an IPv6-only link: both sides offer IPv4
+/// unicast with IPv6 next hops, and each learns the other's IPv4 prefix with the
+/// other's IPv6 address as next hop. Without the capability, margay-bgpd has no IPv4
+/// address to put in NEXT_HOP and would not announce the prefix at all.
+#[test]
+fn interop_extended_next_hop_ipv4_over_ipv6_session() {
+    require("bird");
+    let dir = TestDir::new();
+    let a = Ns::new("birdenh");
+    let m = Ns::new("menh");
+    link(&a, &["fd00::1/64"], &m, &["fd00::2/64"]);
+    let conf = format!(
+        "router id 10.0.0.1;\nprotocol device {{}}\nprotocol static {{ ipv4; route 10.61.0.0/24 blackhole; }}\n{}",
+        bird_bgp(
+            "m",
+            "fd00::1",
+            65100,
+            "fd00::2",
+            65001,
+            "",
+            "ipv4 { extended next hop on; import all; export all; };\n  ipv6 { import all; export all; };"
+        )
+    );
+    let b = bird(&a, dir.path(), &conf);
+    // No `kernel:`: margay-kernel writes RTA_GATEWAY only, and an IPv4 route through an
+    // IPv6 gateway needs RTA_VIA (docs/bgp.md, "Not done").
+    let _g = margay(
+        &m,
+        dir.path(),
+        &margay_yaml(
+            65001,
+            "10.0.0.2",
+            "[fd00::2]:179",
+            &peer_yaml("fd00::1", 65100, "    extended_next_hop: true\n"),
+            "  - prefix: 10.62.0.0/24",
+            "",
+        ),
+    );
+    // No IPv4 address but loopback on either side: the session is IPv6.
+    for ns in [&a, &m] {
+        let v4 = ns.ip(&["-4", "addr", "show", "scope", "global"]);
+        assert!(v4.trim().is_empty(), "{v4}");
+    }
+    let nh = wait_for(T, "margay to learn 10.61.0.0/24", || {
+        margay_next_hop(&m, "10.61.0.0/24")
+    });
+    assert_eq!(
+        nh, "fd00::1",
+        "BIRD's IPv6 address is the IPv4 route's next hop"
+    );
+    let out = wait_for(T, "BIRD to learn 10.62.0.0/24", || b.route("10.62.0.0/24"));
+    assert!(out.contains("BGP.next_hop: fd00::2"), "{out}");
+    // BIRD resolved the IPv6 gateway on the link, so the route is usable, not unreachable.
+    assert!(out.contains("via fd00::2 on "), "{out}");
+    let p = margay_peer(&m, "fd00::1").unwrap();
+    assert_eq!(
+        p["families"],
+        serde_json::json!(["ipv4-unicast", "ipv6-unicast"])
+    );
+    let caps = b.birdc("show protocols all m");
+    let neighbor_caps = caps
+        .split("Neighbor capabilities")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        neighbor_caps.contains("Extended next hop"),
+        "BIRD saw margay-bgpd's extended next hop capability: {caps}"
+    );
+}
+
+/// Counts, in `ns`, TCP segments from `from` that arrive with TTL 255 and with any
+/// other TTL, in a table of the test's own (it goes with the namespace). Resets are
+/// left out: the kernel sends them itself at its default TTL (for example to a SYN
+/// that comes before BIRD listens), whatever the socket options.
+fn count_ttls(ns: &Ns, from: &str) {
+    ns.sh(&format!(
+        "nft add table ip mgbttl && \
+         nft add chain ip mgbttl pre '{{ type filter hook prerouting priority -300; }}' && \
+         nft add rule ip mgbttl pre ip saddr {from} 'tcp flags & rst == 0' ip ttl 255 counter && \
+         nft add rule ip mgbttl pre ip saddr {from} 'tcp flags & rst == 0' ip ttl != 255 counter"
+    ));
+}
+
+/// (segments at TTL 255, segments at another TTL) as counted by `count_ttls`.
+fn ttl_counts(ns: &Ns) -> (u64, u64) {
+    let out = ns.sh("nft list chain ip mgbttl pre");
+    let packets: Vec<u64> = out
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.position(|x| x == "packets")?;
+            w.next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(packets.len(), 2, "two counters: {out}");
+    (packets[0], packets[1])
+}
+
+/// Case 12: TTL security (RFC 5082, GTSM). With `ttl security on` in BIRD and
+/// `ttl_security: 1` in margay-bgpd the session forms, every segment of BIRD's arriving
+/// at TTL 255. With BIRD at its default (TTL 1 towards a directly connected eBGP
+/// peer), margay-bgpd drops BIRD's segments and neither side reaches Established, though
+/// BIRD keeps trying.
+#[test]
+fn interop_ttl_security_forms_only_when_both_sides_use_it() {
+    require("bird");
+    require("nft");
+    let mut matched = Duration::ZERO;
+    for bird_gtsm in [true, false] {
+        let dir = TestDir::new();
+        let a = Ns::new("birdttl");
+        let m = Ns::new("mttl");
+        link(&a, &["10.0.0.1/24"], &m, &["10.0.0.2/24"]);
+        count_ttls(&m, "10.0.0.1");
+        // BIRD's router ID above ours: collision resolution would keep BIRD's
+        // connection, so only the TTL check can keep the session down.
+        let conf = format!(
+            "router id 10.0.0.99;\nprotocol device {{}}\n{}",
+            bird_bgp(
+                "m",
+                "10.0.0.1",
+                65100,
+                "10.0.0.2",
+                65001,
+                if bird_gtsm { "ttl security on;" } else { "" },
+                BIRD_V4
+            )
+        );
+        let start = std::time::Instant::now();
+        let b = bird(&a, dir.path(), &conf);
+        let _g = margay(
+            &m,
+            dir.path(),
+            &margay_yaml(
+                65001,
+                "10.0.0.2",
+                "10.0.0.2:179",
+                &peer_yaml("10.0.0.1", 65100, "    ttl_security: 1\n"),
+                "  - prefix: 10.200.0.0/24",
+                "",
+            ),
+        );
+        if bird_gtsm {
+            wait_for(T, "the GTSM session", || {
+                (margay_established(&m, "10.0.0.1") && b.established("m")).then_some(())
+            });
+            matched = start.elapsed();
+            wait_for(T, "BIRD to learn 10.200.0.0/24", || {
+                b.route("10.200.0.0/24")
+            });
+            let (at_255, below) = ttl_counts(&m);
+            assert!(
+                at_255 > 0 && below == 0,
+                "BIRD's segments: {at_255} at TTL 255, {below} below"
+            );
+        } else {
+            // margay-bgpd refuses BIRD's connections by the TTL of their SYN, before
+            // reading anything (the listener keeps SYNs), and drops BIRD's answers to
+            // its own connections below TTL 255: not even an OPEN gets through.
+            //
+            // Two of BIRD's hold times (9 s) and many connect retries (1 s); the
+            // matched case took `matched`.
+            let window = Duration::from_secs(20).max(5 * matched);
+            wait_for(T, "margay-bgpd's status API", || {
+                margay_peer(&m, "10.0.0.1")
+            });
+            let start = std::time::Instant::now();
+            while start.elapsed() < window {
+                let p = margay_peer(&m, "10.0.0.1").expect("status API up");
+                assert_ne!(p["state"], "Established", "margay-bgpd took TTL 1: {p}");
+                assert!(
+                    !b.established("m"),
+                    "BIRD reached Established with GTSM on one side only: {}",
+                    b.birdc("show protocols all m")
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let (_, below) = ttl_counts(&m);
+            assert!(below > 0, "BIRD tried, below TTL 255");
+            let p = margay_peer(&m, "10.0.0.1").unwrap();
+            assert_eq!(p["messages_received"]["keepalive"], 0, "{p}");
+            assert_eq!(p["messages_received"]["open"], 0, "{p}");
+        }
+    }
+    eprintln!("GTSM session established in {matched:?}");
+}

@@ -325,6 +325,24 @@ impl Session {
                     return;
                 }
             }
+            // The minimum TTL holds from now on; what was queued since the handshake
+            // (often the peer's OPEN) passed unchecked. The SYN says whether the peer
+            // sends at TTL 255 at all, when the listener kept it (prepare_listener).
+            let min = sockopt::gtsm_min_ttl(h);
+            match sockopt::syn_ttl(&stream) {
+                Ok(Some(ttl)) if ttl < min => {
+                    let e = format!(
+                        "refused a connection from the peer: its SYN arrived with TTL {ttl}, \
+                         ttl_security needs at least {min}; enable TTL security (GTSM) on the \
+                         peer, or raise ttl_security to the number of hops between us"
+                    );
+                    warn!(ttl, min, "{e}");
+                    self.set_error(e);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => debug!(error = %e, "cannot read the SYN of an inbound connection"),
+            }
         }
         let id = self.new_conn_id();
         self.attach(id, stream);

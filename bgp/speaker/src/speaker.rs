@@ -316,7 +316,13 @@ impl Speaker {
         let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let l = bind_listener(*addr).map_err(|source| SpeakerError::Listen {
+            // An IPv6 wildcard beside an IPv4 listener on its port takes IPv6 only.
+            let v6_only = addr.is_ipv6()
+                && config
+                    .listen
+                    .iter()
+                    .any(|o| o.is_ipv4() && o.port() == addr.port());
+            let l = bind_listener(*addr, v6_only).map_err(|source| SpeakerError::Listen {
                 addr: *addr,
                 source,
             })?;
@@ -404,13 +410,18 @@ impl Speaker {
 
 type Registry = Arc<Mutex<HashMap<IpAddr, mpsc::UnboundedSender<SessionCmd>>>>;
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr, v6_only: bool) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    if v6_only {
+        crate::sockopt::set_v6_only(&sock, true)?;
+    }
+    // TTL 255 on the handshake and the SYN kept, for peers with TTL security.
+    crate::sockopt::prepare_listener(&sock)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
