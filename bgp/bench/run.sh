@@ -14,7 +14,8 @@
 #   RUNS   runs per test and DUT (default 3); medians are reported
 #   TESTS  default "propagate receive rr"
 #   DUTS   default "margay bird gobgp frr"
-# Environment: PREFIXES (100000), RR_CLIENTS (100), RR_PER (10000), SKIP_BUILD=1.
+# Environment: PREFIXES (100000), RR_CLIENTS (100), RR_PER (10000), SKIP_BUILD=1,
+#   BGPD (the margay-bgpd to run), PREV_BGPD (a second one, as DUT "margayprev").
 # Output: one JSON line per run on stdout-results file, and a Markdown summary.
 # Needs root (network namespaces), bird, gobgpd, FRR's bgpd, vtysh, curl.
 set -euo pipefail
@@ -29,7 +30,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 if [ -z "${SKIP_BUILD:-}" ]; then
   cargo build --release -p margay-bgpd -p margay-bgp-bench --manifest-path "$ROOT/Cargo.toml" >&2
 fi
-BGPD="$ROOT/target/release/margay-bgpd"
+BGPD=${BGPD:-"$ROOT/target/release/margay-bgpd"}
 BENCH="$ROOT/target/release/bgp-bench"
 P="mgbb$$"
 WORK=$(mktemp -d /tmp/mgbb-XXXX)
@@ -78,7 +79,7 @@ peers_for() {
 }
 
 start_margay() {
-  local test=$1 conf="$WORK/margay.yaml"
+  local test=$1 bin=${2:-$BGPD} conf="$WORK/margay.yaml"
   {
     echo "bgp: { asn: 65000, router_id: 10.9.0.1, listen: [\"10.9.0.1:179\"] }"
     echo "status: { listen: \"127.0.0.1:9179\" }"
@@ -87,8 +88,13 @@ start_margay() {
       echo "  - { address: $a, asn: $asn, mode: passive, rr_client: $([ "$rr" = 1 ] && echo true || echo false) }"
     done
   } >"$conf"
-  ip netns exec "$P-dut" "$BGPD" -c "$conf" >"$WORK/margay.log" 2>&1 &
+  ip netns exec "$P-dut" "$bin" -c "$conf" >"$WORK/margay.log" 2>&1 &
   DUT_PID=$!
+}
+
+# Another margay-bgpd binary (PREV_BGPD), for before/after comparisons in one run.
+start_margayprev() {
+  start_margay "$1" "${PREV_BGPD:?set PREV_BGPD to the margay-bgpd binary to compare with}"
 }
 
 start_bird() {
@@ -148,7 +154,7 @@ start_frr() {
 # count_cmd DUT -> shell command printing the prefixes accepted from 10.9.0.2
 count_cmd() {
   case "$1" in
-    margay) echo "ip netns exec $P-dut curl -s 127.0.0.1:9179/peers | grep -o '\"prefixes_accepted\":[0-9]*' | head -1 | cut -d: -f2" ;;
+    margay|margayprev) echo "ip netns exec $P-dut curl -s 127.0.0.1:9179/peers | grep -o '\"prefixes_accepted\":[0-9]*' | head -1 | cut -d: -f2" ;;
     bird) echo "birdc -s $WORK/bird.ctl show protocols all p1 | awk '/Routes:/ {print \$2; exit}'" ;;
     gobgp) echo "ip netns exec $P-dut gobgp -u 127.0.0.1 -p 50051 neighbor 10.9.0.2 -j | grep -o '\"accepted\":[0-9]*' | head -1 | cut -d: -f2" ;;
     frr) echo "ip netns exec $P-dut vtysh --vty_socket $WORK -c 'show bgp ipv4 unicast summary json' | grep -o '\"pfxRcd\":[0-9]*' | head -1 | cut -d: -f2" ;;

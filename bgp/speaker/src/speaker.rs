@@ -5,7 +5,9 @@
 //! and it fills each established peer's writer only while that writer's queue is
 //! under a high-water mark. A peer that reads slowly falls behind in the change
 //! journal (bounded: past a limit it resyncs with a table walk) and never holds up
-//! the others.
+//! the others. Peers in sync with the same export settings share an update group
+//! (`rib::group`): one Adj-RIB-Out and one encoding per batch for all of them; a
+//! member whose writer stays full for [`SPLIT_AFTER`] leaves its group.
 //!
 //! That task runs on a thread of its own (with a current-thread runtime for its
 //! timers), while sessions, their readers and writers stay on the embedder's
@@ -34,6 +36,7 @@ use crate::config::{ConfigError, PeerConfig, SpeakerConfig};
 use crate::fsm::{cease, DownReason, Negotiated};
 use crate::rib::attrs::next_hop_addr;
 use crate::rib::graceful::{GrAction, GrHelper};
+use crate::rib::group::{collect_group, GroupOut, NO_PEER};
 use crate::rib::policy::{CommunityText, Outcome};
 use crate::rib::table::{EntryId, Seq};
 use crate::rib::{
@@ -48,6 +51,9 @@ use crate::session::{
 const FILL_BUDGET: usize = 4096;
 /// Journal records kept for laggards before they are made to resync.
 const JOURNAL_LIMIT: u64 = 4 << 20;
+/// How long an update group waits for members whose writers are full before it
+/// goes on without them (they leave the group and continue on their own).
+const SPLIT_AFTER: Duration = Duration::from_millis(500);
 
 /// Errors of the embedding API.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +143,10 @@ pub struct PeerStatus {
     pub prefixes_accepted: usize,
     /// Prefixes in the Adj-RIB-Out.
     pub prefixes_advertised: usize,
+    /// The update group the peer is in (peers sent the same UPDATEs share one);
+    /// none while it catches up on its own.
+    #[serde(default)]
+    pub update_group: Option<usize>,
     /// Stale paths kept for a restarting peer.
     pub prefixes_stale: usize,
     /// Messages by type: open, update, notification, keepalive, route-refresh.
@@ -352,6 +362,7 @@ impl Speaker {
             rib,
             peers: HashMap::new(),
             slots: vec![None],
+            groups: Vec::new(),
             cmd_rx: rx,
             ev_rx,
             ev_tx,
@@ -463,11 +474,32 @@ struct Subscriber {
 struct UpState {
     negotiated: Box<Negotiated>,
     export: ExportCtx,
-    out: AdjRibOut,
+    out: Out,
     sink: UpdateSink,
     eor_sent: bool,
     /// End-of-RIB received from the peer (for the restarting speaker's deferral).
     eor_received: Families,
+}
+
+/// Where a peer's Adj-RIB-Out lives.
+enum Out {
+    /// Its own (a new session's table walk, or a peer with no group).
+    Solo(AdjRibOut),
+    /// In update group `groups[i]`.
+    Member(usize),
+}
+
+/// Peers sent the same UPDATEs: one Adj-RIB-Out, each batch encoded once
+/// (`rib::group`).
+struct Group {
+    /// The members' export context with `peer` [`NO_PEER`].
+    export: ExportCtx,
+    /// The members' codec context.
+    ctx: margay_bgp_wire::Context,
+    out: GroupOut,
+    members: Vec<PeerIdx>,
+    /// Since when some member's writer has been full.
+    blocked_since: Option<Instant>,
 }
 
 struct PeerSlot {
@@ -490,6 +522,7 @@ struct SpeakerTask {
     rib: Rib,
     peers: HashMap<IpAddr, PeerIdx>,
     slots: Vec<Option<PeerSlot>>,
+    groups: Vec<Option<Group>>,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
     ev_rx: mpsc::Receiver<PeerEvent>,
     ev_tx: mpsc::Sender<PeerEvent>,
@@ -537,7 +570,11 @@ impl SpeakerTask {
                 }
                 Some(_) = self.wake_rx.recv() => {}
                 Some((idx, gen)) = self.gr_rx.recv() => self.gr_timer(idx, gen),
-                _ = tick.tick() => self.check_deferral(),
+                _ = tick.tick() => {
+                    self.check_deferral();
+                    self.pump();
+                    self.regroup();
+                }
             }
             self.pump();
         }
@@ -674,6 +711,7 @@ impl SpeakerTask {
         if let Ok(mut r) = self.registry.lock() {
             r.remove(&addr);
         }
+        self.leave_group(idx);
         if let Some(slot) = self.slots[idx as usize].take() {
             let _ = slot.cmd.send(SessionCmd::Stop {
                 message: why.to_owned(),
@@ -716,12 +754,21 @@ impl SpeakerTask {
         let import_changed = p.import != old.import;
         let export_changed = p.export != old.export;
         slot.config = p.clone();
-        if export_changed {
-            if let Some(up) = slot.up.as_mut() {
+        if export_changed && slot.up.is_some() {
+            self.leave_group(idx);
+            if let Some(up) = self.slots[idx as usize]
+                .as_mut()
+                .and_then(|s| s.up.as_mut())
+            {
                 up.export.policy = Arc::new(p.export.clone());
-                up.out.resync(&self.rib);
+                if let Out::Solo(out) = &mut up.out {
+                    out.resync(&self.rib);
+                }
             }
         }
+        let Some(slot) = self.slots[idx as usize].as_mut() else {
+            return Err(SpeakerError::NoSuchPeer(p.address));
+        };
         if import_changed {
             let rr = slot.up.as_ref().map(|u| u.negotiated.peer_route_refresh);
             match rr {
@@ -779,12 +826,16 @@ impl SpeakerTask {
                 }
             }
             PeerEvent::RouteRefresh { idx, epoch, family } => {
-                let rib = &self.rib;
-                if let Some(s) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) {
-                    if s.epoch == epoch {
-                        if let Some(up) = s.up.as_mut() {
+                if self
+                    .slot(idx)
+                    .is_some_and(|s| s.epoch == epoch && s.up.is_some())
+                {
+                    self.leave_group(idx);
+                    let rib = &self.rib;
+                    if let Some(s) = self.slots[idx as usize].as_mut() {
+                        if let Some(Out::Solo(out)) = s.up.as_mut().map(|u| &mut u.out) {
                             debug!(peer = %s.config.address, ?family, "route refresh requested");
-                            up.out.resync(rib);
+                            out.resync(rib);
                         }
                     }
                 }
@@ -847,7 +898,7 @@ impl SpeakerTask {
         slot.last_gr = n.peer_graceful_restart.clone();
         let gr = slot.gr.session_up(n.peer_graceful_restart.as_ref());
         slot.up = Some(UpState {
-            out: AdjRibOut::new(&self.rib),
+            out: Out::Solo(AdjRibOut::new(&self.rib)),
             negotiated: n,
             export,
             sink,
@@ -858,12 +909,13 @@ impl SpeakerTask {
     }
 
     fn peer_down(&mut self, idx: PeerIdx, epoch: u64, reason: DownReason) {
+        if self.slot(idx).is_none_or(|s| s.epoch != epoch) {
+            return;
+        }
+        self.leave_group(idx);
         let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
             return;
         };
-        if slot.epoch != epoch {
-            return;
-        }
         slot.up = None;
         let gr = slot
             .gr
@@ -1036,6 +1088,9 @@ impl SpeakerTask {
 
     fn pump(&mut self) {
         if self.deferral.is_none() {
+            for g in 0..self.groups.len() {
+                self.pump_group(g);
+            }
             for i in 0..self.slots.len() {
                 self.pump_peer(i);
             }
@@ -1050,7 +1105,8 @@ impl SpeakerTask {
             return;
         };
         let Some(up) = slot.up.as_mut() else { return };
-        while !up.out.is_synced(rib) {
+        let Out::Solo(out) = &mut up.out else { return };
+        while !out.is_synced(rib) {
             if !up.sink.has_room() {
                 up.sink.want_wakeup();
                 // The writer may have drained between the check and the flag.
@@ -1058,7 +1114,7 @@ impl SpeakerTask {
                     return;
                 }
             }
-            let batch = collect(rib, &mut up.out, &up.export, FILL_BUDGET);
+            let batch = collect(rib, out, &up.export, FILL_BUDGET);
             let mut buf = BytesMut::with_capacity(64 << 10);
             if let Err(e) = encode(&batch, &up.negotiated.ctx, &mut buf) {
                 warn!(peer = %slot.config.address, error = %e, "cannot encode UPDATE; skipped");
@@ -1074,6 +1130,222 @@ impl SpeakerTask {
             }
             if !buf.is_empty() && !up.sink.send(buf.freeze()) {
                 return;
+            }
+        }
+    }
+
+    /// Brings update group `gi` up to date, one batch for all members at a time,
+    /// while every member's writer has room. Members whose writers stay full for
+    /// [`SPLIT_AFTER`] while others wait leave the group.
+    fn pump_group(&mut self, gi: usize) {
+        loop {
+            let rib = &self.rib;
+            let Some(g) = self.groups[gi].as_mut() else {
+                return;
+            };
+            if g.out.is_trimmed(rib) {
+                // Too far behind for the journal: every member walks the table again.
+                for m in g.members.clone() {
+                    self.leave_group(m);
+                    if let Some(Out::Solo(out)) = self.slots[m as usize]
+                        .as_mut()
+                        .and_then(|s| s.up.as_mut())
+                        .map(|u| &mut u.out)
+                    {
+                        out.resync(&self.rib);
+                    }
+                }
+                return;
+            }
+            if g.out.is_synced(rib) {
+                g.blocked_since = None;
+                return;
+            }
+            let mut full = Vec::new();
+            let mut mask: Vec<u64> = Vec::new();
+            for &m in &g.members {
+                let Some(up) = self.slots[m as usize].as_ref().and_then(|s| s.up.as_ref()) else {
+                    continue;
+                };
+                if !up.sink.has_room() {
+                    up.sink.want_wakeup();
+                    if !up.sink.has_room() {
+                        full.push(m);
+                    }
+                }
+                let w = m as usize / 64;
+                if mask.len() <= w {
+                    mask.resize(w + 1, 0);
+                }
+                mask[w] |= 1 << (m % 64);
+            }
+            if !full.is_empty() {
+                let now = Instant::now();
+                let since = *g.blocked_since.get_or_insert(now);
+                if full.len() == g.members.len() || now.duration_since(since) < SPLIT_AFTER {
+                    return;
+                }
+                g.blocked_since = None;
+                for m in full {
+                    debug!(peer = m, "slow reader leaves its update group");
+                    self.leave_group(m);
+                }
+                continue;
+            }
+            g.blocked_since = None;
+            let is_member = |p: PeerIdx| {
+                mask.get(p as usize / 64)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+            };
+            let batch = collect_group(rib, &mut g.out, &g.export, is_member, FILL_BUDGET);
+            let encoded: Vec<(PeerIdx, bytes::Bytes, bytes::Bytes)> = batch
+                .sections
+                .iter()
+                .map(|s| {
+                    let mut others = BytesMut::new();
+                    let mut own = BytesMut::new();
+                    let withdrawals = crate::rib::OutBatch {
+                        withdrawn: s.to_source.clone(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = encode(&s.others, &g.ctx, &mut others)
+                        .and_then(|_| encode(&withdrawals, &g.ctx, &mut own))
+                    {
+                        warn!(error = %e, "cannot encode UPDATE for an update group; skipped");
+                    }
+                    (s.source, others.freeze(), own.freeze())
+                })
+                .collect();
+            for &m in &g.members {
+                let Some(up) = self.slots[m as usize].as_ref().and_then(|s| s.up.as_ref()) else {
+                    continue;
+                };
+                for (source, others, own) in &encoded {
+                    let b = if *source == m { own } else { others };
+                    if !b.is_empty() {
+                        up.sink.send(b.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes peer `idx` out of its update group, with what it holds as its own
+    /// Adj-RIB-Out. A group left empty is dropped.
+    fn leave_group(&mut self, idx: PeerIdx) {
+        let Some(up) = self.slots[idx as usize]
+            .as_mut()
+            .and_then(|s| s.up.as_mut())
+        else {
+            return;
+        };
+        let Out::Member(gi) = up.out else { return };
+        let Some(g) = self.groups[gi].as_mut() else {
+            return;
+        };
+        up.out = Out::Solo(g.out.member_view(&self.rib, idx));
+        g.members.retain(|&m| m != idx);
+        if g.members.is_empty() {
+            self.groups[gi] = None;
+        }
+    }
+
+    /// Puts peers that are on their own and in sync into update groups: into a
+    /// group with their settings that is in sync too, or into a new one with
+    /// another such peer.
+    fn regroup(&mut self) {
+        if self.deferral.is_some() {
+            return;
+        }
+        let rib = &self.rib;
+        let ready = |s: &PeerSlot| {
+            s.up.as_ref()
+                .is_some_and(|u| u.eor_sent && matches!(&u.out, Out::Solo(o) if o.is_synced(rib)))
+        };
+        let key = |u: &UpState| ExportCtx {
+            peer: NO_PEER,
+            ..u.export.clone()
+        };
+        for i in 1..self.slots.len() {
+            let Some(slot) = self.slots[i].as_ref().filter(|s| ready(s)) else {
+                continue;
+            };
+            let Some(up) = slot.up.as_ref() else { continue };
+            let k = key(up);
+            let ctx = &up.negotiated.ctx;
+            let joins = self.groups.iter().position(|g| {
+                g.as_ref()
+                    .is_some_and(|g| g.out.is_synced(rib) && g.ctx == *ctx && g.export == k)
+            });
+            let gi = match joins {
+                Some(gi) => gi,
+                None => {
+                    let partner = (i + 1..self.slots.len()).find(|&j| {
+                        self.slots[j].as_ref().is_some_and(|s| {
+                            ready(s)
+                                && s.up
+                                    .as_ref()
+                                    .is_some_and(|u| u.negotiated.ctx == *ctx && key(u) == k)
+                        })
+                    });
+                    if partner.is_none() {
+                        continue;
+                    }
+                    let g = Group {
+                        out: GroupOut::in_sync(rib, &k),
+                        export: k,
+                        ctx: ctx.clone(),
+                        members: Vec::new(),
+                        blocked_since: None,
+                    };
+                    match self.groups.iter().position(Option::is_none) {
+                        Some(free) => {
+                            self.groups[free] = Some(g);
+                            free
+                        }
+                        None => {
+                            self.groups.push(Some(g));
+                            self.groups.len() - 1
+                        }
+                    }
+                }
+            };
+            if let Some(g) = self.groups[gi].as_mut() {
+                g.members.push(i as PeerIdx);
+            }
+            if let Some(up) = self.slots[i].as_mut().and_then(|s| s.up.as_mut()) {
+                up.out = Out::Member(gi);
+            }
+            debug!(peer = i, group = gi, "peer joins an update group");
+        }
+        // Two groups with one key (the second formed while the first was behind):
+        // both in sync means both hold the same, so the second's members move over.
+        for a in 0..self.groups.len() {
+            for b in a + 1..self.groups.len() {
+                let same = match (&self.groups[a], &self.groups[b]) {
+                    (Some(x), Some(y)) => {
+                        x.out.is_synced(rib)
+                            && y.out.is_synced(rib)
+                            && x.ctx == y.ctx
+                            && x.export == y.export
+                    }
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
+                let Some(moved) = self.groups[b].take() else {
+                    continue;
+                };
+                for &m in &moved.members {
+                    if let Some(up) = self.slots[m as usize].as_mut().and_then(|s| s.up.as_mut()) {
+                        up.out = Out::Member(a);
+                    }
+                }
+                if let Some(g) = self.groups[a].as_mut() {
+                    g.members.extend(moved.members);
+                }
+                debug!(from = b, into = a, "update groups merged");
             }
         }
     }
@@ -1128,9 +1400,12 @@ impl SpeakerTask {
         let head = self.rib.head();
         let mut min = head;
         for s in self.slots.iter().flatten() {
-            if let Some(up) = &s.up {
-                min = min.min(up.out.cursor());
+            if let Some(Out::Solo(out)) = s.up.as_ref().map(|u| &u.out) {
+                min = min.min(out.cursor());
             }
+        }
+        for g in self.groups.iter().flatten() {
+            min = min.min(g.out.cursor());
         }
         if let Some(sub) = &self.subscriber {
             min = min.min(sub.cursor);
@@ -1180,7 +1455,20 @@ impl SpeakerTask {
                     four_octet_as: neg.is_some_and(|n| n.four_octet_as),
                     prefixes_received: s.stats.updates_received_prefixes.load(Ordering::Relaxed),
                     prefixes_accepted: self.rib.count(idx),
-                    prefixes_advertised: s.up.as_ref().map(|u| u.out.count()).unwrap_or(0),
+                    prefixes_advertised: s
+                        .up
+                        .as_ref()
+                        .map(|u| match u.out {
+                            Out::Solo(ref o) => o.count(),
+                            Out::Member(gi) => {
+                                self.groups[gi].as_ref().map_or(0, |g| g.out.count_for(idx))
+                            }
+                        })
+                        .unwrap_or(0),
+                    update_group: match s.up.as_ref().map(|u| &u.out) {
+                        Some(Out::Member(gi)) => Some(*gi),
+                        _ => None,
+                    },
                     prefixes_stale: if s.gr.is_active() {
                         self.rib.stale_count(idx)
                     } else {

@@ -339,3 +339,140 @@ async fn routes_flow_when_the_embedder_runs_a_multi_thread_runtime() {
     })
     .await;
 }
+
+/// A route reflector's clients with the same settings share an update group; one
+/// that stops reading is left behind after a short wait, and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_leaves_its_update_group_and_holds_nobody_back() {
+    use margay_bgp::wire::{Context, Message, Open};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (rr_ip, c1_ip, c2_ip, slow_ip) = (ip(1, 12), ip(2, 12), ip(3, 12), ip(4, 12));
+    let port = free_port();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(SocketAddr::new(slow_ip, port)).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let (rr, _rr_best) = speaker(65000, rr_ip, free_port()).await;
+    let (c1, _c1_best) = speaker(65000, c1_ip, port).await;
+    let (c2, _c2_best) = speaker(65000, c2_ip, port).await;
+    for c in [c1_ip, c2_ip, slow_ip] {
+        let mut p = peer(c, 65000, port, rr_ip);
+        p.rr_client = true;
+        p.mode = ConnectMode::Active;
+        p.send_hold_time = Some(120);
+        rr.add_peer(p).await.unwrap();
+    }
+    for (c, ip) in [(&c1, c1_ip), (&c2, c2_ip)] {
+        let mut p = peer(rr_ip, 65000, port, ip);
+        p.mode = ConnectMode::Passive;
+        c.add_peer(p).await.unwrap();
+    }
+    // The slow client answers with the reflector's own capabilities (so its
+    // session encodes like the others'), then never reads again.
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let ctx = Context::default();
+    let Message::Open(theirs) = Message::decode(&buf[..n], &ctx).unwrap() else {
+        panic!("expected an OPEN");
+    };
+    let IpAddr::V4(slow_id) = slow_ip else {
+        unreachable!()
+    };
+    let mine = Open {
+        hold_time: 0,
+        bgp_id: slow_id,
+        ..theirs
+    };
+    s.write_all(&Message::Open(mine).to_bytes(&ctx).unwrap())
+        .await
+        .unwrap();
+    s.write_all(&Message::Keepalive.to_bytes(&ctx).unwrap())
+        .await
+        .unwrap();
+
+    // All three end up in one group once their own table walks are done.
+    let mut grouped = false;
+    for _ in 0..100 {
+        let ps = rr.peers().await.unwrap();
+        let groups: Vec<_> = ps
+            .iter()
+            .map(|p| (p.state.as_str(), p.update_group))
+            .collect();
+        if groups.iter().all(|g| g.0 == "Established" && g.1.is_some())
+            && groups.iter().all(|g| g.1 == groups[0].1)
+        {
+            grouped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        grouped,
+        "no common update group: {:?}",
+        rr.peers().await.unwrap()
+    );
+
+    // Distinct attributes per prefix: one UPDATE each, with enough communities to
+    // be more than socket buffers hold (about 20 MB in all).
+    const N: usize = 60_000;
+    let communities: Vec<_> = (0..64)
+        .map(|k| margay_bgp::wire::Community(0xfde8_0000 + k))
+        .collect();
+    for i in 0..N as u32 {
+        let pre =
+            Prefix::new_masked(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), 24).unwrap();
+        let attrs = PathAttrs {
+            med: Some(i),
+            next_hop: Some(NextHop::V4(Ipv4Addr::new(192, 0, 2, 1))),
+            communities: communities.clone(),
+            ..PathAttrs::default()
+        };
+        rr.announce(pre, attrs).unwrap();
+    }
+    for c in [&c1, &c2] {
+        let mut got = 0;
+        for _ in 0..600 {
+            got = c.peers().await.unwrap()[0].prefixes_accepted;
+            if got == N {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, N, "a fast client was held back");
+    }
+    let ps = rr.peers().await.unwrap();
+    let of = |a: IpAddr| ps.iter().find(|p| p.address == a).unwrap();
+    assert_eq!(of(slow_ip).state, "Established");
+    assert_eq!(of(slow_ip).update_group, None, "the slow client left");
+    assert!(of(c1_ip).update_group.is_some());
+    assert_eq!(of(c1_ip).update_group, of(c2_ip).update_group);
+    assert_eq!(of(c1_ip).prefixes_advertised, N);
+    drop(s);
+    for h in [rr, c1, c2] {
+        h.shutdown("test over").await.unwrap();
+    }
+}
+
+/// The documented `listen: ["0.0.0.0:179", "[::]:179"]`: both wildcards on one port
+/// (the IPv6 one takes IPv6 only) and both families reach the speaker.
+#[tokio::test]
+async fn ipv4_and_ipv6_wildcard_listeners_share_a_port() {
+    let port = free_port();
+    let mut c = SpeakerConfig::new(65001, Ipv4Addr::new(127, 77, 13, 1));
+    c.listen = vec![
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+    ];
+    let (h, _best) = Speaker::start(c).await.expect("both listeners bound");
+    for to in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ] {
+        tokio::net::TcpStream::connect(to)
+            .await
+            .unwrap_or_else(|e| panic!("no listener on {to}: {e}"));
+    }
+    h.shutdown("test over").await.unwrap();
+}

@@ -40,7 +40,7 @@ pub enum NextHopMode {
 }
 
 /// Everything export needs to know about one peer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExportCtx {
     pub peer: PeerIdx,
     pub ebgp: bool,
@@ -228,10 +228,10 @@ pub struct AdjRibOut {
     advertised: Vec<u64>,
     count: usize,
     /// Next journal record to look at.
-    cursor: Seq,
+    pub(super) cursor: Seq,
     /// During a full table walk (session start, route refresh, resync), the next
     /// entry to look at; the journal is read after the walk.
-    walk: Option<EntryId>,
+    pub(super) walk: Option<EntryId>,
 }
 
 impl AdjRibOut {
@@ -245,13 +245,38 @@ impl AdjRibOut {
         }
     }
 
+    /// An empty Adj-RIB-Out already at the head of the journal, with no walk: for
+    /// state that is filled in by the caller (update groups).
+    pub(super) fn at_head(rib: &Rib) -> Self {
+        Self {
+            advertised: Vec::new(),
+            count: 0,
+            cursor: rib.head(),
+            walk: None,
+        }
+    }
+
+    /// The entries advertised, in order.
+    pub(super) fn advertised_ids(&self) -> impl Iterator<Item = EntryId> + '_ {
+        self.advertised.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let i = b.trailing_zeros();
+                    b &= b - 1;
+                    (w * 64) as EntryId + i
+                })
+            })
+        })
+    }
+
     pub fn is_advertised(&self, id: EntryId) -> bool {
         self.advertised
             .get(id as usize / 64)
             .is_some_and(|w| w & (1 << (id % 64)) != 0)
     }
 
-    fn set(&mut self, id: EntryId, on: bool) {
+    pub(super) fn set(&mut self, id: EntryId, on: bool) {
         let w = id as usize / 64;
         if self.advertised.len() <= w {
             self.advertised.resize(w + 1, 0);

@@ -6,6 +6,8 @@
 //! - [`decision`]: RFC 4271 §9.1 best path, RFC 4456 tie-breaks, ECMP.
 //! - [`export`]: import loop checks, export rules (route reflection, eBGP, next
 //!   hops), the per-peer Adj-RIB-Out and UPDATE packing.
+//! - [`group`]: update groups, one Adj-RIB-Out and one encoding for peers that are
+//!   sent the same UPDATEs.
 //! - [`policy`]: prefix lists, community matching, attribute setting.
 //! - [`graceful`]: the graceful-restart helper's stale-route state per peer.
 
@@ -13,6 +15,7 @@ pub mod attrs;
 pub mod decision;
 pub mod export;
 pub mod graceful;
+pub mod group;
 pub mod policy;
 pub mod table;
 
