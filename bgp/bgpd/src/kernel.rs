@@ -13,6 +13,11 @@
 //! connected subnet); the prefix is then installed through its best next hop alone
 //! ([`best_only`]) and the daemon warns, so turning multipath on never loses a route that
 //! best-path routing would have installed.
+//!
+//! An IPv4 prefix may have IPv6 next hops (RFC 8950; the speaker accepts such paths only
+//! from a peer with which extended next hop was negotiated). They are installed as they
+//! are, `<prefix> via inet6 <gw>` (`RTA_VIA`), alone or among the next hops of a multipath
+//! route; the kernel resolves the gateway by NDP on its link.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -37,9 +42,15 @@ pub fn to_route(c: &BestRouteChange, table: u32) -> (RouteKey, Option<Route>) {
     (key, route)
 }
 
-/// The gateways a best route can use for `dst`, best first: the next hops of its
-/// ECMP set of `dst`'s family (an IPv4-mapped IPv6 next hop counts as IPv4), each
-/// once. Empty for local routes and for routes with no usable next hop.
+/// The gateways a best route can use for `dst`, best first, each once: the next hops of
+/// its ECMP set, IPv4 or IPv6 for an IPv4 `dst` (an IPv4-mapped IPv6 next hop counts as
+/// the IPv4 address; another IPv6 one becomes `via inet6`), IPv6 only for an IPv6 `dst`
+/// (the kernel has no IPv6 route through an IPv4 gateway). Empty for local routes and for
+/// routes with no usable next hop.
+///
+/// A link-local IPv6 next hop is kept, though the route then names no device and the
+/// writer refuses it, saying so: the speaker reports a next hop's global address, so one
+/// is link-local only when the peer sent a link-local address as the global one.
 pub fn gateways(c: &BestRouteChange, dst: IpNet) -> Vec<IpAddr> {
     let Some(b) = c.best.as_ref() else {
         return Vec::new();
@@ -50,8 +61,8 @@ pub fn gateways(c: &BestRouteChange, dst: IpNet) -> Vec<IpAddr> {
     let mut v = Vec::with_capacity(b.next_hops.len());
     for g in b.next_hops.iter().filter_map(|&g| match (dst, g) {
         (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_)) => Some(g),
-        (IpNet::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4),
-        _ => None,
+        (IpNet::V4(_), IpAddr::V6(v6)) => Some(v6.to_ipv4_mapped().map_or(g, IpAddr::V4)),
+        (IpNet::V6(_), IpAddr::V4(_)) => None,
     }) {
         if !v.contains(&g) {
             v.push(g);
@@ -60,10 +71,10 @@ pub fn gateways(c: &BestRouteChange, dst: IpNet) -> Vec<IpAddr> {
     v
 }
 
-/// The route to `dst` through `gateways` (best first, each once, of `dst`'s family, as
-/// [`gateways`] gives them), if there is one: `via` the gateway when there is one, a
-/// multipath route with every gateway at weight 1 when there are more. BGP carries no
-/// bandwidth here, so the paths of an ECMP set share flows equally.
+/// The route to `dst` through `gateways` (best first, each once, as [`gateways`] gives
+/// them), if there is one: `via` the gateway when there is one, a multipath route with
+/// every gateway at weight 1 when there are more. BGP carries no bandwidth here, so the
+/// paths of an ECMP set share flows equally.
 pub fn route_through(dst: IpNet, table: u32, gateways: &[IpAddr]) -> Option<Route> {
     if gateways.is_empty() {
         return None;
@@ -158,7 +169,7 @@ pub fn start(
             warn!(
                 count = retry.len(),
                 first = %retry[0],
-                "the kernel refused multipath routes (a gateway of the set is unreachable?); \
+                "the kernel refused multipath routes (a gateway unreachable, or link-local with no device?); \
                  installing them through their best next hop only"
             );
             if apply(&writer, retry).await.is_none() {
@@ -251,24 +262,71 @@ mod tests {
                 "::ffff:10.0.0.4",
                 "10.0.0.2",
                 "10.0.0.5",
+                "::ffff:10.0.0.5",
             ],
         );
         let dst: IpNet = "10.1.0.0/24".parse().unwrap();
         let gws: Vec<String> = gateways(&c, dst).iter().map(|g| g.to_string()).collect();
-        assert_eq!(gws, ["10.0.0.2", "10.0.0.4", "10.0.0.5"]);
+        assert_eq!(gws, ["10.0.0.2", "2001:db8::3", "10.0.0.4", "10.0.0.5"]);
         let (_, r) = to_route(&c, 254);
         let r = r.unwrap();
         r.validate().unwrap();
         assert_eq!(
             r.to_string(),
-            "10.1.0.0/24 nexthop via 10.0.0.2 weight 1 nexthop via 10.0.0.4 weight 1 \
-             nexthop via 10.0.0.5 weight 1 table 254"
+            "10.1.0.0/24 nexthop via 10.0.0.2 weight 1 nexthop via inet6 2001:db8::3 weight 1 \
+             nexthop via 10.0.0.4 weight 1 nexthop via 10.0.0.5 weight 1 table 254"
         );
         let v6 = change("2001:db8:1::/48", peer, &["10.0.0.2", "2001:db8::3"]);
         let gws = gateways(&v6, "2001:db8:1::/48".parse().unwrap());
         assert_eq!(gws, vec!["2001:db8::3".parse::<IpAddr>().unwrap()]);
         let local = change("10.1.0.0/24", RouteOrigin::Local, &["10.0.0.2"]);
         assert!(gateways(&local, dst).is_empty());
+    }
+
+    #[test]
+    fn an_ipv4_prefix_with_ipv6_next_hops_is_installed_via_inet6() {
+        // RFC 8950: what an IPv6-only session with extended next hop gives (interop case 11).
+        let peer = RouteOrigin::Peer {
+            address: "fd00::1".parse().unwrap(),
+            ebgp: true,
+        };
+        let dst: IpNet = "10.61.0.0/24".parse().unwrap();
+        let one = change("10.61.0.0/24", peer.clone(), &["fd00::1"]);
+        let (key, r) = to_route(&one, 100);
+        assert_eq!(key, RouteKey::new(100, dst));
+        let r = r.expect("an IPv6 next hop of an IPv4 prefix is kept");
+        r.validate().unwrap();
+        assert_eq!(r, Route::via(dst, "fd00::1".parse().unwrap()).in_table(100));
+        assert_eq!(r.to_string(), "10.61.0.0/24 via inet6 fd00::1 table 100");
+
+        // An ECMP set of IPv6 next hops: one multipath route through all of them.
+        let two = change(
+            "10.61.0.0/24",
+            peer.clone(),
+            &["fd00::1", "fd00:1::1", "fd00::1"],
+        );
+        let (_, r) = to_route(&two, 254);
+        let r = r.unwrap();
+        r.validate().unwrap();
+        assert_eq!(
+            r.to_string(),
+            "10.61.0.0/24 nexthop via inet6 fd00::1 weight 1 \
+             nexthop via inet6 fd00:1::1 weight 1 table 254"
+        );
+
+        // A link-local next hop is kept but names no link: the writer refuses the route
+        // and says why, rather than the prefix vanishing without a word.
+        let ll = change("10.61.0.0/24", peer, &["fe80::1"]);
+        assert_eq!(
+            gateways(&ll, dst),
+            vec!["fe80::1".parse::<IpAddr>().unwrap()]
+        );
+        let e = to_route(&ll, 254).1.unwrap().validate().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("fe80::1 is link-local and needs a device"),
+            "{e}"
+        );
     }
 
     #[test]

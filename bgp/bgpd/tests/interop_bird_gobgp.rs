@@ -652,19 +652,38 @@ fn interop_graceful_restart_kill9_keeps_forwarding() {
     assert!(g.proc.log_text().contains("restarting gracefully"));
 }
 
+/// The route to `prefix` in `ns`'s main table as `ip -N -j` gives it (protocols as
+/// numbers), if there is exactly one.
+fn kernel_route(ns: &Ns, prefix: &str) -> Option<serde_json::Value> {
+    let out = ns.ip(&["-N", "-j", "-4", "route", "show", "exact", prefix]);
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    match &routes[..] {
+        [r] => Some(r.clone()),
+        _ => None,
+    }
+}
+
 /// Case 11: Extended next hop (RFC 8950) on an IPv6-only link: both sides offer IPv4
 /// unicast with IPv6 next hops, and each learns the other's IPv4 prefix with the
 /// other's IPv6 address as next hop. Without the capability, margay-bgpd has no IPv4
-/// address to put in NEXT_HOP and would not announce the prefix at all.
+/// address to put in NEXT_HOP and would not announce the prefix at all. Both install
+/// the other's prefix in the kernel `via inet6` (margay-bgpd with protocol 77, BIRD
+/// with its kernel protocol), and IPv4 traffic between addresses inside the two
+/// prefixes crosses the IPv6-only link.
 #[test]
 fn interop_extended_next_hop_ipv4_over_ipv6_session() {
     require("bird");
+    require("ping");
     let dir = TestDir::new();
     let a = Ns::new("birdenh");
     let m = Ns::new("menh");
     link(&a, &["fd00::1/64"], &m, &["fd00::2/64"]);
+    // An address inside each side's prefix, on loopback: what the ping runs between.
+    a.ip(&["addr", "add", "10.61.0.1/32", "dev", "lo"]);
+    m.ip(&["addr", "add", "10.62.0.1/32", "dev", "lo"]);
     let conf = format!(
-        "router id 10.0.0.1;\nprotocol device {{}}\nprotocol static {{ ipv4; route 10.61.0.0/24 blackhole; }}\n{}",
+        "router id 10.0.0.1;\nprotocol device {{}}\nprotocol static {{ ipv4; route 10.61.0.0/24 blackhole; }}\nprotocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}\n{}",
         bird_bgp(
             "m",
             "fd00::1",
@@ -676,8 +695,6 @@ fn interop_extended_next_hop_ipv4_over_ipv6_session() {
         )
     );
     let b = bird(&a, dir.path(), &conf);
-    // No `kernel:`: margay-kernel writes RTA_GATEWAY only, and an IPv4 route through an
-    // IPv6 gateway needs RTA_VIA (docs/bgp.md, "Not done").
     let _g = margay(
         &m,
         dir.path(),
@@ -687,13 +704,18 @@ fn interop_extended_next_hop_ipv4_over_ipv6_session() {
             "[fd00::2]:179",
             &peer_yaml("fd00::1", 65100, "    extended_next_hop: true\n"),
             "  - prefix: 10.62.0.0/24",
-            "",
+            "kernel:\n  table: 254\n",
         ),
     );
-    // No IPv4 address but loopback on either side: the session is IPv6.
+    // No IPv4 address on the link, only on loopback: the session and the forwarding
+    // between the two are IPv6.
     for ns in [&a, &m] {
-        let v4 = ns.ip(&["-4", "addr", "show", "scope", "global"]);
-        assert!(v4.trim().is_empty(), "{v4}");
+        let out = ns.ip(&["-j", "-4", "addr", "show"]);
+        let links: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert!(
+            links.iter().all(|l| l["ifname"] == "lo"),
+            "IPv4 address off loopback: {out}"
+        );
     }
     let nh = wait_for(T, "margay to learn 10.61.0.0/24", || {
         margay_next_hop(&m, "10.61.0.0/24")
@@ -719,6 +741,33 @@ fn interop_extended_next_hop_ipv4_over_ipv6_session() {
     assert!(
         neighbor_caps.contains("Extended next hop"),
         "BIRD saw margay-bgpd's extended next hop capability: {caps}"
+    );
+
+    // margay-bgpd installed BIRD's prefix through BIRD's IPv6 address, and BIRD ours
+    // through ours.
+    let r = wait_for(T, "margay-bgpd to install 10.61.0.0/24 via inet6", || {
+        kernel_route(&m, "10.61.0.0/24").filter(|r| r["protocol"] == "77")
+    });
+    assert_eq!(
+        r["via"],
+        serde_json::json!({ "family": "inet6", "host": "fd00::1" }),
+        "{r}"
+    );
+    let r = wait_for(T, "BIRD to install 10.62.0.0/24", || {
+        kernel_route(&a, "10.62.0.0/24")
+    });
+    assert_eq!(r["protocol"], "12", "BIRD's kernel protocol: {r}");
+    assert_eq!(
+        r["via"],
+        serde_json::json!({ "family": "inet6", "host": "fd00::2" }),
+        "{r}"
+    );
+    let out = m.try_sh("ping -c 3 -i 0.2 -W 2 -I 10.62.0.1 10.61.0.1");
+    assert!(
+        out.status.success(),
+        "margay's namespace cannot reach 10.61.0.1 over the IPv6 link: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        m.ip(&["-4", "route", "show"])
     );
 }
 

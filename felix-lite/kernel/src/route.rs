@@ -16,6 +16,21 @@
 //! routes internally, but has dumped them as one message since Linux 4.11. An older kernel
 //! would list the siblings as separate single-hop routes of the same key; the sweep and the
 //! replace-by-key semantics here still hold for those.
+//!
+//! # IPv4 routes through IPv6 gateways
+//!
+//! An IPv4 route may have an IPv6 gateway, alone or in any next hop of a multipath route
+//! (RFC 8950: BGP carries IPv4 routes with IPv6 next hops; Linux 5.2 and later forward them,
+//! resolving the gateway's link-layer address by NDP). The gateway then goes in `RTA_VIA`
+//! (`struct rtvia`: family, then address) instead of `RTA_GATEWAY`, which is what
+//! `ip route add 10.0.0.0/24 via inet6 fd00::2` writes, and dumps report it the same way;
+//! [`decode_route`] reads either into the gateway. The other way round does not exist: the
+//! kernel refuses `RTA_VIA` on IPv6 routes ("IPv6 does not support RTA_VIA attribute"), so
+//! [`Route::validate`] refuses an IPv4 gateway for an IPv6 route.
+//!
+//! An IPv6 link-local gateway names no link, so the kernel wants the device beside it
+//! ("Egress device not specified") for routes of either family; `validate` refuses one
+//! without a device.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -24,7 +39,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHop,
-    RouteNextHopFlags, RouteProtocol, RouteScope, RouteType as NlRouteType,
+    RouteNextHopFlags, RouteProtocol, RouteScope, RouteType as NlRouteType, RouteVia,
 };
 use netlink_packet_route::AddressFamily;
 
@@ -91,7 +106,9 @@ pub const DEFAULT_WEIGHT: u16 = 1;
 /// The largest weight the kernel can store (`rtnh_hops` is a byte holding weight − 1).
 pub const MAX_WEIGHT: u16 = 256;
 
-/// One next hop of a multipath route: `nexthop via <gw> [dev X] [onlink] weight <w>`.
+/// One next hop of a multipath route: `nexthop via <gw> [dev X] [onlink] weight <w>`. The
+/// gateway of a hop of an IPv4 route may be IPv6 (`nexthop via inet6 <gw>`, see the module
+/// documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PathHop {
     pub gw: IpAddr,
@@ -128,9 +145,27 @@ impl PathHop {
     }
 }
 
-impl fmt::Display for PathHop {
+/// `via <gw>`, or `via inet6 <gw>` for an IPv6 gateway of an IPv4 route, as `ip route` prints
+/// them.
+struct Via {
+    gw: IpAddr,
+    dst: Family,
+}
+
+impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "nexthop via {}", self.gw)?;
+        match (self.dst, self.gw) {
+            (Family::V4, IpAddr::V6(g)) => write!(f, "via inet6 {g}"),
+            (Family::V6, IpAddr::V4(g)) => write!(f, "via inet {g}"),
+            (_, g) => write!(f, "via {g}"),
+        }
+    }
+}
+
+impl PathHop {
+    /// `nexthop via [inet6] <gw> ...` of a route of family `dst`.
+    fn write(&self, f: &mut fmt::Formatter<'_>, dst: Family) -> fmt::Result {
+        write!(f, "nexthop {}", Via { gw: self.gw, dst })?;
         if let Some(d) = &self.dev {
             write!(f, " dev {d}")?;
         }
@@ -141,10 +176,18 @@ impl fmt::Display for PathHop {
     }
 }
 
+/// Alone, a hop does not know its route's family: its gateway is printed without `inet6`.
+impl fmt::Display for PathHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, Family::of(&IpNet::from(self.gw)))
+    }
+}
+
 /// Where a route sends traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NextHop {
-    /// `<prefix> via <gw> [dev X] [onlink]`.
+    /// `<prefix> via <gw> [dev X] [onlink]`; an IPv4 route's gateway may be IPv6
+    /// (`via inet6 <gw>`, see the module documentation).
     Gateway {
         gw: IpAddr,
         dev: Option<Device>,
@@ -272,10 +315,8 @@ impl Route {
         };
         match &self.next_hop {
             NextHop::Gateway { gw, dev, onlink } => {
-                if gw.is_ipv4() != self.dst.addr().is_ipv4() {
-                    return invalid(format!(
-                        "gateway {gw} is of another address family than the destination"
-                    ));
+                if let Err(why) = check_gateway(self.family(), *gw, dev.as_ref()) {
+                    return invalid(format!("gateway {why}"));
                 }
                 if *onlink && dev.is_none() {
                     return invalid("onlink needs a device".into());
@@ -289,10 +330,20 @@ impl Route {
                         hops.len()
                     ));
                 }
-                let most = max_path_hops(self.family());
-                if hops.len() > most {
+                let bytes: usize = hops.iter().map(|h| path_hop_len(self.family(), h.gw)).sum();
+                if bytes > MAX_MULTIPATH_BYTES {
+                    let most = match self.family() {
+                        Family::V4 => format!(
+                            "{} with IPv4 gateways, {} with IPv6 ones",
+                            max_path_hops(Family::V4),
+                            MAX_MULTIPATH_BYTES
+                                / path_hop_len(Family::V4, Ipv6Addr::UNSPECIFIED.into())
+                        ),
+                        Family::V6 => max_path_hops(Family::V6).to_string(),
+                    };
                     return invalid(format!(
-                        "{} next hops do not fit in one RTA_MULTIPATH attribute; at most {most} do",
+                        "{} next hops ({bytes} bytes) do not fit in one RTA_MULTIPATH attribute; \
+                         at most {most} do",
                         hops.len()
                     ));
                 }
@@ -300,11 +351,8 @@ impl Route {
                 // (an IPv6 link-local gateway can sit behind several interfaces).
                 let mut seen: HashMap<IpAddr, Vec<Option<&Device>>> = HashMap::new();
                 for h in hops {
-                    if h.gw.is_ipv4() != self.dst.addr().is_ipv4() {
-                        return invalid(format!(
-                            "next hop {} is of another address family than the destination",
-                            h.gw
-                        ));
+                    if let Err(why) = check_gateway(self.family(), h.gw, h.dev.as_ref()) {
+                        return invalid(format!("next hop {why}"));
                     }
                     if h.onlink && h.dev.is_none() {
                         return invalid(format!("next hop {}: onlink needs a device", h.gw));
@@ -374,21 +422,73 @@ impl Route {
     }
 }
 
-/// How many next hops fit in one `RTA_MULTIPATH` attribute (its length is 16 bits): each is an
-/// 8-byte `rtnexthop` with an `RTA_GATEWAY` of 8 (IPv4) or 20 (IPv6) bytes.
+/// Whether `gw` can be the gateway of a route of family `dst` through `dev` (the route's or
+/// the hop's device); the reason, starting with the gateway, when not.
+fn check_gateway(dst: Family, gw: IpAddr, dev: Option<&Device>) -> Result<(), String> {
+    match (dst, gw) {
+        (Family::V4, IpAddr::V4(_)) => {}
+        (Family::V6, IpAddr::V4(_)) => {
+            return Err(format!(
+                "{gw} is IPv4 and the route IPv6; the kernel routes IPv4 through IPv6 gateways \
+                 but not the other way round: give an IPv6 gateway"
+            ))
+        }
+        (Family::V4, IpAddr::V6(g)) => {
+            if let Some(v4) = g.to_ipv4_mapped() {
+                return Err(format!(
+                    "{gw} is an IPv4-mapped IPv6 address, which the kernel does not resolve as \
+                     a gateway (\"No route to host\"); give it as the IPv4 address {v4}"
+                ));
+            }
+        }
+        (Family::V6, IpAddr::V6(_)) => {}
+    }
+    if let IpAddr::V6(g) = gw {
+        if g.is_unicast_link_local() && dev.is_none() {
+            return Err(format!(
+                "{gw} is link-local and needs a device: the kernel cannot tell which link it \
+                 is on (\"Egress device not specified\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The most bytes the next hops of one `RTA_MULTIPATH` attribute can take: its length is 16
+/// bits, 4 of them its own header.
+const MAX_MULTIPATH_BYTES: usize = u16::MAX as usize - 4;
+
+/// The bytes of one next hop in `RTA_MULTIPATH`: an 8-byte `rtnexthop`, then the gateway as
+/// `RTA_GATEWAY` (8 bytes IPv4, 20 IPv6) or, for an IPv6 gateway of an IPv4 route, `RTA_VIA`
+/// (4 + 2 + 16 bytes, padded to 24).
+fn path_hop_len(dst: Family, gw: IpAddr) -> usize {
+    8 + match (dst, gw) {
+        (_, IpAddr::V4(_)) => 8,
+        (Family::V6, IpAddr::V6(_)) => 20,
+        (Family::V4, IpAddr::V6(_)) => 24,
+    }
+}
+
+/// How many next hops with gateways of the route's own family fit in one `RTA_MULTIPATH`
+/// attribute: 4095 IPv4, 2340 IPv6. An IPv4 route through IPv6 gateways fits fewer (2047 if
+/// all are IPv6); [`Route::validate`] counts the bytes.
 pub fn max_path_hops(family: Family) -> usize {
-    let hop = match family {
-        Family::V4 => 16,
-        Family::V6 => 28,
+    let own = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    (usize::from(u16::MAX) - 4) / hop
+    MAX_MULTIPATH_BYTES / path_hop_len(family, own)
 }
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.next_hop {
             NextHop::Gateway { gw, dev, onlink } => {
-                write!(f, "{} via {gw}", self.dst)?;
+                let via = Via {
+                    gw: *gw,
+                    dst: self.family(),
+                };
+                write!(f, "{} {via}", self.dst)?;
                 if let Some(d) = dev {
                     write!(f, " dev {d}")?;
                 }
@@ -399,7 +499,8 @@ impl fmt::Display for Route {
             NextHop::Multipath(hops) => {
                 write!(f, "{}", self.dst)?;
                 for h in hops {
-                    write!(f, " {h}")?;
+                    f.write_str(" ")?;
+                    h.write(f, self.family())?;
                 }
             }
             NextHop::Device(d) => write!(f, "{} dev {d} scope link", self.dst)?,
@@ -479,8 +580,8 @@ pub enum RouteType {
 /// One next hop of a multipath route as the kernel reports it (`struct rtnexthop`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelPathHop {
-    /// `None` for a hop without a gateway (`nexthop dev X`), or with one of the other family
-    /// (`RTA_VIA`, which Margay does not write).
+    /// `None` for a hop without a gateway (`nexthop dev X`). May be IPv6 in an IPv4 route
+    /// (`RTA_VIA`).
     pub gateway: Option<IpAddr>,
     /// `rtnh_ifindex`; `None` when the kernel reports 0.
     pub oif: Option<u32>,
@@ -497,7 +598,8 @@ pub struct KernelRoute {
     pub protocol: u8,
     pub kind: RouteType,
     pub scope: u8,
-    /// The gateway of a single-path route; `None` for a multipath route.
+    /// The gateway of a single-path route (`RTA_GATEWAY`, or `RTA_VIA` for an IPv6 gateway of
+    /// an IPv4 route); `None` for a multipath route.
     pub gateway: Option<IpAddr>,
     /// The output device of a single-path route; `None` for a multipath route (see
     /// [`KernelRoute::oifs`]).
@@ -538,8 +640,9 @@ impl fmt::Display for KernelRoute {
             RouteType::Other(t) => write!(f, "type {t} ")?,
         }
         write!(f, "{}", self.dst)?;
-        if let Some(g) = self.gateway {
-            write!(f, " via {g}")?;
+        let dst = self.family();
+        if let Some(gw) = self.gateway {
+            write!(f, " {}", Via { gw, dst })?;
         }
         if let Some(i) = self.oif {
             write!(f, " dev if{i}")?;
@@ -549,8 +652,8 @@ impl fmt::Display for KernelRoute {
         }
         for h in &self.multipath {
             f.write_str(" nexthop")?;
-            if let Some(g) = h.gateway {
-                write!(f, " via {g}")?;
+            if let Some(gw) = h.gateway {
+                write!(f, " {}", Via { gw, dst })?;
             }
             if let Some(i) = h.oif {
                 write!(f, " dev if{i}")?;
@@ -635,6 +738,29 @@ fn address(ip: IpAddr) -> RouteAddress {
     }
 }
 
+/// The gateway attribute of a route of family `dst`: `RTA_GATEWAY` for a gateway of the same
+/// family, `RTA_VIA` (family and address) for one of the other (an IPv6 gateway of an IPv4
+/// route; the kernel refuses it on an IPv6 route, which [`Route::validate`] catches first).
+fn gateway_attribute(dst: Family, gw: IpAddr) -> RouteAttribute {
+    if Family::of(&IpNet::from(gw)) == dst {
+        RouteAttribute::Gateway(address(gw))
+    } else {
+        RouteAttribute::Via(RouteVia::from(gw))
+    }
+}
+
+/// A gateway from `RTA_GATEWAY` or an IPv4/IPv6 `RTA_VIA`.
+fn gateway_of(a: &RouteAttribute) -> Option<IpAddr> {
+    match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(x)) | RouteAttribute::Via(RouteVia::Inet(x)) => {
+            Some(IpAddr::V4(*x))
+        }
+        RouteAttribute::Gateway(RouteAddress::Inet6(x))
+        | RouteAttribute::Via(RouteVia::Inet6(x)) => Some(IpAddr::V6(*x)),
+        _ => None,
+    }
+}
+
 /// The `RTM_NEWROUTE` body for `route`; `ifindex` resolves the devices the route names (its
 /// error is returned as is). Does not validate: [`Route::validate`] first.
 pub fn replace_route_message(
@@ -657,7 +783,7 @@ pub fn replace_route_message(
             if *onlink {
                 h.flags = RouteFlags::from_bits_retain(RTNH_F_ONLINK);
             }
-            attrs.push(RouteAttribute::Gateway(address(*gw)));
+            attrs.push(gateway_attribute(family, *gw));
             oif = dev.as_ref().map(&ifindex).transpose()?;
         }
         NextHop::Multipath(hops) => {
@@ -665,7 +791,7 @@ pub fn replace_route_message(
             h.kind = NlRouteType::Unicast;
             let mut nhs = Vec::with_capacity(hops.len());
             for hop in hops {
-                nhs.push(path_hop(hop, &ifindex)?);
+                nhs.push(path_hop(family, hop, &ifindex)?);
             }
             attrs.push(RouteAttribute::MultiPath(nhs));
         }
@@ -693,8 +819,9 @@ pub fn replace_route_message(
 
 /// One `struct rtnexthop` of `RTA_MULTIPATH` (rtnetlink(7)): length, flags, `rtnh_hops` (the
 /// weight minus one), ifindex (0: the kernel finds the device from the gateway), then the
-/// hop's own `RTA_GATEWAY`.
+/// hop's own `RTA_GATEWAY` (or `RTA_VIA`, for an IPv6 gateway of an IPv4 route of family `dst`).
 fn path_hop(
+    dst: Family,
     hop: &PathHop,
     ifindex: impl Fn(&Device) -> Result<u32, crate::KernelError>,
 ) -> Result<RouteNextHop, crate::KernelError> {
@@ -708,7 +835,7 @@ fn path_hop(
         Some(d) => ifindex(d)?,
         None => 0,
     };
-    nh.attributes = vec![RouteAttribute::Gateway(address(hop.gw))];
+    nh.attributes = vec![gateway_attribute(dst, hop.gw)];
     Ok(nh)
 }
 
@@ -750,8 +877,9 @@ pub fn decode_route(msg: &RouteMessage) -> Option<KernelRoute> {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(x)) => dst_addr = Some((*x).into()),
             RouteAttribute::Destination(RouteAddress::Inet6(x)) => dst_addr = Some((*x).into()),
-            RouteAttribute::Gateway(RouteAddress::Inet(x)) => gateway = Some((*x).into()),
-            RouteAttribute::Gateway(RouteAddress::Inet6(x)) => gateway = Some((*x).into()),
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => {
+                gateway = gateway_of(a).or(gateway)
+            }
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Priority(p) => metric = Some(*p),
@@ -788,11 +916,7 @@ pub fn decode_route(msg: &RouteMessage) -> Option<KernelRoute> {
 }
 
 fn decode_path_hop(nh: &RouteNextHop) -> KernelPathHop {
-    let gateway = nh.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(x)) => Some(IpAddr::V4(*x)),
-        RouteAttribute::Gateway(RouteAddress::Inet6(x)) => Some(IpAddr::V6(*x)),
-        _ => None,
-    });
+    let gateway = nh.attributes.iter().find_map(gateway_of);
     KernelPathHop {
         gateway,
         oif: (nh.interface_index != 0).then_some(nh.interface_index),
@@ -812,6 +936,10 @@ mod tests {
     }
 
     fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn ip6(s: &str) -> Ipv6Addr {
         s.parse().unwrap()
     }
 
@@ -929,9 +1057,32 @@ mod tests {
     }
 
     #[test]
-    fn validate_catches_family_mismatch_and_onlink_without_dev() {
-        let r = Route::via(net("10.0.0.0/8"), "fd00::1".parse().unwrap());
-        assert!(r.validate().is_err());
+    fn validate_checks_gateway_families_and_devices() {
+        let err = |r: Route| r.validate().unwrap_err().to_string();
+        // IPv4 through IPv6 is fine (RTA_VIA); IPv6 through IPv4 the kernel does not do.
+        Route::via(net("10.0.0.0/8"), ip("fd00::1"))
+            .validate()
+            .unwrap();
+        let e = err(Route::via(net("fd00:1::/64"), ip("10.1.1.1")));
+        assert!(
+            e.contains("route fd00:1::/64 table 254: gateway 10.1.1.1 is IPv4 and the route IPv6"),
+            "{e}"
+        );
+        // A link-local gateway needs its device, for either family.
+        for dst in ["10.0.0.0/8", "fd00:1::/64"] {
+            let e = err(Route::via(net(dst), ip("fe80::b")));
+            assert!(
+                e.contains("gateway fe80::b is link-local and needs a device"),
+                "{e}"
+            );
+            Route::via_dev(net(dst), ip("fe80::b"), "eth0", false)
+                .validate()
+                .unwrap();
+        }
+        // An IPv4-mapped gateway is an IPv4 gateway written the wrong way.
+        let e = err(Route::via(net("10.0.0.0/8"), ip("::ffff:192.0.2.2")));
+        assert!(e.contains("give it as the IPv4 address 192.0.2.2"), "{e}");
+
         let mut r = Route::via(net("10.0.0.0/8"), "10.1.1.1".parse().unwrap());
         assert!(r.validate().is_ok());
         r.next_hop = NextHop::Gateway {
@@ -1179,8 +1330,21 @@ mod tests {
 
         assert!(err(mp(vec![])).contains("at least two next hops, this has 0"));
         assert!(err(mp(vec![a()])).contains("at least two next hops, this has 1"));
-        assert!(err(mp(vec![a(), PathHop::via(ip("2001:db8::2"))]))
-            .contains("next hop 2001:db8::2 is of another address family"));
+        // An IPv4 route may mix IPv6 gateways in; an IPv6 route may not take IPv4 ones.
+        mp(vec![a(), PathHop::via(ip("2001:db8::2"))])
+            .validate()
+            .unwrap();
+        let v6 = |hops: Vec<PathHop>| Route {
+            next_hop: NextHop::Multipath(hops),
+            ..Route::blackhole(net("fd00:80::/64"))
+        };
+        assert!(err(v6(vec![PathHop::via(ip("2001:db8::2")), a()]))
+            .contains("next hop 192.0.2.2 is IPv4 and the route IPv6"));
+        assert!(err(mp(vec![a(), PathHop::via(ip("fe80::b"))]))
+            .contains("next hop fe80::b is link-local and needs a device"));
+        mp(vec![a(), PathHop::via_dev(ip("fe80::b"), "v0", false)])
+            .validate()
+            .unwrap();
         assert!(err(mp(vec![a(), b(), a()])).contains("next hop 192.0.2.2 appears twice"));
         assert!(
             err(mp(vec![
@@ -1236,6 +1400,33 @@ mod tests {
             assert_eq!(back.multipath.len(), max_path_hops(fam), "{fam:?}");
             assert!(r.matches(&back));
         }
+        // An IPv4 route through IPv6 gateways: 32 bytes a hop (RTA_VIA) instead of 16.
+        let v6_hops = |n: u32| -> Vec<PathHop> {
+            (0..n)
+                .map(|i| {
+                    PathHop::via(IpAddr::V6(Ipv6Addr::from(
+                        0x2001_0db8_u128 << 96 | u128::from(i),
+                    )))
+                })
+                .collect()
+        };
+        let r = Route::multipath(net("10.80.0.0/24"), v6_hops(2047));
+        r.validate().unwrap();
+        let msg = replace_route_message(&r, MARGAY_RT_PROTO, no_dev).unwrap();
+        let (_, back) = round_trip(msg);
+        assert_eq!(back.multipath.len(), 2047);
+        assert!(r.matches(&back));
+        let e = Route::multipath(net("10.80.0.0/24"), v6_hops(2048))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "2048 next hops (65536 bytes) do not fit in one RTA_MULTIPATH attribute; \
+                        at most 4095 with IPv4 gateways, 2047 with IPv6 ones do"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1285,6 +1476,149 @@ mod tests {
         assert!(RouteFilter::default().matches(&r, Some(2)));
         assert!(RouteFilter::default().matches(&r, Some(3)));
         assert!(!RouteFilter::default().matches(&r, Some(4)));
+    }
+
+    // ===== IPv4 through IPv6 gateways (RTA_VIA) =====
+
+    #[test]
+    fn ipv4_route_via_ipv6_gateway_bytes_and_round_trip() {
+        let r = Route::via_dev(net("10.81.0.0/24"), ip("2001:db8::2"), "v0", false);
+        r.validate().unwrap();
+        let msg = replace_route_message(&r, MARGAY_RT_PROTO, idx(2)).unwrap();
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_))),
+            "an IPv6 gateway of an IPv4 route is not an RTA_GATEWAY"
+        );
+        let (buf, back) = round_trip(msg);
+        // rtmsg: family 2 (the route's), dst_len 24, table 254, proto 77, universe, unicast.
+        assert_eq!(&buf[16..24], &[2, 24, 0, 0, 254, 77, 0, 1]);
+        // After RTA_DST and RTA_TABLE: RTA_VIA (18), 4 + 2 + 16 bytes: AF_INET6 (10), address,
+        // two bytes of padding; then RTA_OIF.
+        let mut via = vec![22, 0, 18, 0, 10, 0];
+        via.extend_from_slice(&ip6("2001:db8::2").octets());
+        via.extend_from_slice(&[0, 0]);
+        assert_eq!(&buf[44..68], &via[..]);
+        assert_eq!(&buf[68..76], &[8, 0, 4, 0, 2, 0, 0, 0]);
+        assert_eq!(back.gateway, Some(ip("2001:db8::2")));
+        assert_eq!(back.family(), Family::V4);
+        assert_eq!(back.oif, Some(2));
+        assert!(r.matches(&back));
+        // The same address as an IPv6 route's gateway stays an RTA_GATEWAY.
+        let r6 = Route::via(net("fd00:81::/64"), ip("2001:db8::2"));
+        let msg = replace_route_message(&r6, MARGAY_RT_PROTO, no_dev).unwrap();
+        assert!(msg
+            .attributes
+            .contains(&RouteAttribute::Gateway(RouteAddress::Inet6(ip6(
+                "2001:db8::2"
+            )))));
+    }
+
+    #[test]
+    fn multipath_mixing_ipv4_and_ipv6_gateways_bytes_and_round_trip() {
+        let r = Route::multipath(
+            net("10.80.0.0/24"),
+            vec![
+                PathHop::via(ip("192.0.2.2")).with_weight(3),
+                PathHop::via_dev(ip("fe80::b"), "v0", false),
+            ],
+        );
+        r.validate().unwrap();
+        let (buf, back) = round_trip(replace_route_message(&r, MARGAY_RT_PROTO, idx(2)).unwrap());
+        // RTA_MULTIPATH: 4 + 16 (IPv4 hop) + 32 (IPv6 hop: 8 + RTA_VIA padded to 24).
+        assert_eq!(&buf[44..48], &[52, 0, 9, 0]);
+        assert_eq!(
+            &buf[48..64],
+            &[16, 0, 0, 2, 0, 0, 0, 0, 8, 0, 5, 0, 192, 0, 2, 2]
+        );
+        // rtnexthop: len 32, no flags, weight 1, ifindex 2; RTA_VIA inet6 fe80::b.
+        assert_eq!(&buf[64..76], &[32, 0, 0, 0, 2, 0, 0, 0, 22, 0, 18, 0]);
+        assert_eq!(&buf[76..78], &[10, 0]);
+        assert_eq!(&buf[78..94], &ip6("fe80::b").octets());
+        let got: Vec<(Option<IpAddr>, Option<u32>, u16)> = back
+            .multipath
+            .iter()
+            .map(|h| (h.gateway, h.oif, h.weight))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(ip("192.0.2.2")), None, 3),
+                (Some(ip("fe80::b")), Some(2), 1)
+            ]
+        );
+        assert!(r.matches(&back));
+    }
+
+    #[test]
+    fn ipv6_gateways_of_ipv4_routes_dumped_by_linux_6_18_decode() {
+        // `ip route add 10.81.0.0/24 proto 77 via inet6 2001:db8::2 dev pa` (pa is ifindex
+        // 2), then an RTM_GETROUTE dump.
+        let single = decode_captured(
+            "4c0000001800020001000000833a000002180000fe4d00010000000008000f00fe000000080001000a\
+             510000160012000a0020010db800000000000000000000000200000800040002000000",
+        );
+        assert_eq!(single.dst, net("10.81.0.0/24"));
+        assert_eq!(
+            (single.protocol, single.gateway, single.oif),
+            (77, Some(ip("2001:db8::2")), Some(2))
+        );
+        assert_eq!(
+            single.to_string(),
+            "10.81.0.0/24 via inet6 2001:db8::2 dev if2 proto 77 table 254"
+        );
+        assert!(
+            Route::via_dev(net("10.81.0.0/24"), ip("2001:db8::2"), "pa", false).matches(&single)
+        );
+        assert!(!Route::via(net("10.81.0.0/24"), ip("192.0.2.2")).matches(&single));
+
+        // `ip route add 10.80.0.0/24 proto 77 nexthop via 192.0.2.2 dev pa weight 3 nexthop
+        // via inet6 fe80::b dev pa`.
+        let mp = decode_captured(
+            "600000001800020001000000833a000002180000fe4d00010000000008000f00fe000000080001000a\
+             50000034000900100000020200000008000500c00002022000000002000000160012000a00fe8000\
+             0000000000000000000000000b0000",
+        );
+        assert_eq!((mp.gateway, mp.oif), (None, None));
+        assert_eq!(
+            mp.to_string(),
+            "10.80.0.0/24 nexthop via 192.0.2.2 dev if2 weight 3 \
+             nexthop via inet6 fe80::b dev if2 weight 1 proto 77 table 254"
+        );
+        let want = Route::multipath(
+            net("10.80.0.0/24"),
+            vec![
+                PathHop::via_dev(ip("fe80::b"), "pa", false),
+                PathHop::via_dev(ip("192.0.2.2"), "pa", false).with_weight(3),
+            ],
+        );
+        assert!(want.matches(&mp));
+    }
+
+    #[test]
+    fn ipv6_gateways_of_ipv4_routes_display_as_inet6() {
+        assert_eq!(
+            Route::via_dev(net("10.81.0.0/24"), ip("fe80::b"), "v0", false).to_string(),
+            "10.81.0.0/24 via inet6 fe80::b dev v0 table 254"
+        );
+        assert_eq!(
+            Route::multipath(
+                net("10.80.0.0/24"),
+                vec![
+                    PathHop::via(ip("192.0.2.2")),
+                    PathHop::via(ip("2001:db8::2"))
+                ]
+            )
+            .to_string(),
+            "10.80.0.0/24 nexthop via 192.0.2.2 weight 1 nexthop via inet6 2001:db8::2 weight 1 \
+             table 254"
+        );
+        // An IPv6 route's gateway is plain `via`, as `ip -6 route` prints it.
+        assert_eq!(
+            Route::via(net("fd00:81::/64"), ip("2001:db8::2")).to_string(),
+            "fd00:81::/64 via 2001:db8::2 table 254"
+        );
     }
 
     #[test]
