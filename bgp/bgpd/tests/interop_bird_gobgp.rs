@@ -421,6 +421,18 @@ fn interop_route_refresh_in_and_out() {
         margay_route(&m, "10.8.0.0/24").is_none(),
         "rejected by import policy"
     );
+    // Enhanced Route Refresh (RFC 7313) is on both sides: BIRD offers it by default
+    // and lists what we offered under the neighbor's capabilities.
+    let show = b.birdc("show protocols all m");
+    let neighbor = show
+        .split("Neighbor capabilities")
+        .nth(1)
+        .and_then(|rest| rest.split("Session:").next())
+        .unwrap_or_default();
+    assert!(
+        neighbor.contains("Enhanced refresh"),
+        "BIRD did not see our Enhanced Route Refresh capability:\n{show}"
+    );
     let since = margay_peer(&m, "10.0.0.1").unwrap()["since"].clone();
     std::fs::write(&g.conf, yaml("")).unwrap();
     g.proc.signal(nix::sys::signal::Signal::SIGHUP);
@@ -430,6 +442,12 @@ fn interop_route_refresh_in_and_out() {
     let p = margay_peer(&m, "10.0.0.1").unwrap();
     assert_eq!(p["since"], since, "the session was not reset");
     assert!(p["messages_sent"]["route_refresh"].as_u64().unwrap() >= 1);
+    // BIRD framed its answer with BoRR/EoRR; what it re-sent survives the EoRR.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        margay_route(&m, "10.7.0.0/24").is_some(),
+        "a route BIRD re-sent in its refresh answer was swept at EoRR"
+    );
     // Out: BIRD asks us to resend.
     b.birdc("reload in m");
     wait_for(T, "margay to see BIRD's ROUTE-REFRESH", || {

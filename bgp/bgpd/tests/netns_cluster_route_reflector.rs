@@ -432,8 +432,7 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
             "{now}"
         );
         assert_eq!(
-            now["messages_received"]["notification"],
-            old["messages_received"]["notification"],
+            now["messages_received"]["notification"], old["messages_received"]["notification"],
             "{now}"
         );
     }

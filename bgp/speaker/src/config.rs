@@ -313,6 +313,7 @@ impl PeerConfig {
             });
         }
         caps.push(Capability::RouteRefresh);
+        caps.push(Capability::EnhancedRouteRefresh);
         if self.extended_next_hop {
             caps.push(Capability::ExtendedNextHop(vec![ExtendedNextHopFamily {
                 nlri_afi: Family::AFI_IPV4,

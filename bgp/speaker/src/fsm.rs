@@ -243,6 +243,9 @@ pub struct Negotiated {
     pub families: Families,
     /// The peer accepts ROUTE-REFRESH (RFC 2918).
     pub peer_route_refresh: bool,
+    /// Both OPENs carry the Enhanced Route Refresh capability (RFC 7313 §3): refresh
+    /// answers are framed by BoRR and EoRR, both ways.
+    pub enhanced_route_refresh: bool,
     /// The peer's graceful restart capability, if it sent one and we sent ours.
     pub peer_graceful_restart: Option<GracefulRestart>,
 }
@@ -867,6 +870,12 @@ impl Fsm {
             .capabilities
             .iter()
             .any(|c| matches!(c, Capability::RouteRefresh));
+        let has_err = |o: &Open| {
+            o.capabilities
+                .iter()
+                .any(|c| matches!(c, Capability::EnhancedRouteRefresh))
+        };
+        let err = has_err(&local) && has_err(&open);
         let we_gr = local
             .capabilities
             .iter()
@@ -886,6 +895,7 @@ impl Fsm {
             ctx,
             families,
             peer_route_refresh: peer_rr,
+            enhanced_route_refresh: err,
             peer_graceful_restart: peer_gr,
             local_open: local,
             peer_open: open,

@@ -73,10 +73,12 @@ pub(crate) enum PeerEvent {
         update: RouteUpdate,
         at: Instant,
     },
+    /// A ROUTE-REFRESH message: a request (subtype 0) or an RFC 7313 marker.
     RouteRefresh {
         idx: PeerIdx,
         epoch: u64,
         family: Family,
+        subtype: u8,
     },
 }
 
@@ -441,9 +443,12 @@ impl Session {
                         if self.fsm.state() == State::Established
                             && self.fsm.connection() == Some(id)
                         {
-                            if let Some(f) = Family::from_afi_safi(rr.afi, rr.safi) {
-                                // RFC 7313 BoRR/EoRR markers are not requests.
-                                if rr.subtype == margay_bgp_wire::RouteRefresh::NORMAL {
+                            // Requests and RFC 7313 markers alike go to the speaker,
+                            // in order with the UPDATEs around them; it ignores
+                            // unknown subtypes (§5). Unknown families are ignored
+                            // here (RFC 2918 §4).
+                            match Family::from_afi_safi(rr.afi, rr.safi) {
+                                Some(f) => {
                                     let _ = self
                                         .p
                                         .events
@@ -451,9 +456,15 @@ impl Session {
                                             idx: self.p.idx,
                                             epoch: self.epoch,
                                             family: f,
+                                            subtype: rr.subtype,
                                         })
                                         .await;
                                 }
+                                None => debug!(
+                                    afi = rr.afi,
+                                    safi = rr.safi,
+                                    "route refresh for an unknown family ignored"
+                                ),
                             }
                         }
                         Event::RouteRefreshMsg(id)

@@ -38,6 +38,7 @@ use crate::rib::attrs::next_hop_addr;
 use crate::rib::graceful::{GrAction, GrHelper};
 use crate::rib::group::{collect_group, GroupOut, NO_PEER};
 use crate::rib::policy::{CommunityText, Outcome};
+use crate::rib::refresh::{RefreshAction, RefreshState};
 use crate::rib::table::{EntryId, Seq};
 use crate::rib::{
     collect, encode, export::import_check, AdjRibOut, ExportCtx, ImportCtx, PathAttrs, PeerIdx,
@@ -479,6 +480,8 @@ struct UpState {
     eor_sent: bool,
     /// End-of-RIB received from the peer (for the restarting speaker's deferral).
     eor_received: Families,
+    /// Route refresh answers owed and awaited (RFC 7313 markers).
+    refresh: RefreshState,
 }
 
 /// Where a peer's Adj-RIB-Out lives.
@@ -572,6 +575,7 @@ impl SpeakerTask {
                 Some((idx, gen)) = self.gr_rx.recv() => self.gr_timer(idx, gen),
                 _ = tick.tick() => {
                     self.check_deferral();
+                    self.check_refresh_deadlines();
                     self.pump();
                     self.regroup();
                 }
@@ -825,23 +829,94 @@ impl SpeakerTask {
                     self.metrics.update_latency.observe(at.elapsed());
                 }
             }
-            PeerEvent::RouteRefresh { idx, epoch, family } => {
-                if self
-                    .slot(idx)
-                    .is_some_and(|s| s.epoch == epoch && s.up.is_some())
-                {
+            PeerEvent::RouteRefresh {
+                idx,
+                epoch,
+                family,
+                subtype,
+            } => self.route_refresh(idx, epoch, family, subtype),
+        }
+        weight
+    }
+
+    /// A ROUTE-REFRESH request or RFC 7313 marker from the peer.
+    fn route_refresh(&mut self, idx: PeerIdx, epoch: u64, family: Family, subtype: u8) {
+        let now = Instant::now();
+        let Some(s) = self.slot(idx).filter(|s| s.epoch == epoch) else {
+            return;
+        };
+        let peer = s.config.address;
+        let Some(up) = s.up.as_mut() else { return };
+        match up.refresh.received(family, subtype, now) {
+            Ok(actions) => {
+                debug!(%peer, ?family, subtype, "route refresh");
+                self.apply_refresh(idx, actions);
+            }
+            Err(why) => info!(%peer, subtype, "route refresh message ignored: {why}"),
+        }
+    }
+
+    fn apply_refresh(&mut self, idx: PeerIdx, actions: Vec<RefreshAction>) {
+        for a in actions {
+            match a {
+                RefreshAction::Send(f, subtype) => {
+                    let Some(up) = self.slot(idx).and_then(|s| s.up.as_mut()) else {
+                        return;
+                    };
+                    let m = Message::RouteRefresh(margay_bgp_wire::RouteRefresh::new(f, subtype));
+                    match m.to_bytes(&up.negotiated.ctx) {
+                        Ok(b) => {
+                            up.sink.send(b);
+                        }
+                        Err(e) => warn!(peer = idx, error = %e, "cannot encode ROUTE-REFRESH"),
+                    }
+                }
+                RefreshAction::Walk => {
+                    // The answer is this peer's own walk, not its group's stream.
                     self.leave_group(idx);
                     let rib = &self.rib;
-                    if let Some(s) = self.slots[idx as usize].as_mut() {
-                        if let Some(Out::Solo(out)) = s.up.as_mut().map(|u| &mut u.out) {
-                            debug!(peer = %s.config.address, ?family, "route refresh requested");
-                            out.resync(rib);
-                        }
+                    if let Some(Out::Solo(out)) = self.slots[idx as usize]
+                        .as_mut()
+                        .and_then(|s| s.up.as_mut())
+                        .map(|u| &mut u.out)
+                    {
+                        out.resync(rib);
                     }
+                }
+                RefreshAction::MarkStale(f) => {
+                    let n = self.rib.mark_refresh_stale(idx, f);
+                    debug!(peer = idx, ?f, stale = n, "route refresh begins (BoRR)");
+                }
+                RefreshAction::Sweep(f) => {
+                    let n = self.rib.sweep_refresh_stale(idx, f);
+                    info!(
+                        peer = idx,
+                        ?f,
+                        swept = n,
+                        "route refresh ended; routes not re-sent removed"
+                    );
                 }
             }
         }
-        weight
+    }
+
+    /// Ends refreshes whose EoRR did not come in time (RFC 7313 §4).
+    fn check_refresh_deadlines(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let Some(up) = self.slots[i].as_mut().and_then(|s| s.up.as_mut()) else {
+                continue;
+            };
+            let a = up.refresh.expired(now);
+            if !a.is_empty() {
+                warn!(
+                    peer = i,
+                    "no EoRR within {:?} of the BoRR",
+                    crate::rib::refresh::EORR_WAIT
+                );
+                self.apply_refresh(i as PeerIdx, a);
+            }
+        }
     }
 
     fn peer_up(
@@ -897,6 +972,7 @@ impl SpeakerTask {
         slot.epoch = epoch;
         slot.last_gr = n.peer_graceful_restart.clone();
         let gr = slot.gr.session_up(n.peer_graceful_restart.as_ref());
+        let refresh = RefreshState::new(n.enhanced_route_refresh, n.families);
         slot.up = Some(UpState {
             out: Out::Solo(AdjRibOut::new(&self.rib)),
             negotiated: n,
@@ -904,6 +980,7 @@ impl SpeakerTask {
             sink,
             eor_sent: false,
             eor_received: Families::NONE,
+            refresh,
         });
         self.apply_gr(idx, gr);
     }
@@ -1128,6 +1205,16 @@ impl SpeakerTask {
                     }
                 }
             }
+            if batch.walk_done {
+                // The walk answered the peer's route refresh requests (RFC 7313 §4).
+                for a in up.refresh.walk_done() {
+                    if let RefreshAction::Send(f, subtype) = a {
+                        let m =
+                            Message::RouteRefresh(margay_bgp_wire::RouteRefresh::new(f, subtype));
+                        let _ = m.encode(&up.negotiated.ctx, &mut buf);
+                    }
+                }
+            }
             if !buf.is_empty() && !up.sink.send(buf.freeze()) {
                 return;
             }
@@ -1259,8 +1346,11 @@ impl SpeakerTask {
         }
         let rib = &self.rib;
         let ready = |s: &PeerSlot| {
-            s.up.as_ref()
-                .is_some_and(|u| u.eor_sent && matches!(&u.out, Out::Solo(o) if o.is_synced(rib)))
+            s.up.as_ref().is_some_and(|u| {
+                u.eor_sent
+                    && !u.refresh.owes_end()
+                    && matches!(&u.out, Out::Solo(o) if o.is_synced(rib))
+            })
         };
         let key = |u: &UpState| ExportCtx {
             peer: NO_PEER,
@@ -1520,7 +1610,7 @@ impl SpeakerTask {
                             .collect(),
                         originator_id: a.originator_id.map(|o| o.to_string()),
                         cluster_list: a.cluster_list.iter().map(|c| c.to_string()).collect(),
-                        stale: p.stale,
+                        stale: p.stale || p.refresh_stale,
                     }
                 })
                 .collect(),

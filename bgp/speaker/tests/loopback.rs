@@ -476,3 +476,174 @@ async fn ipv4_and_ipv6_wildcard_listeners_share_a_port() {
     }
     h.shutdown("test over").await.unwrap();
 }
+
+/// RFC 7313 both ways, against a raw peer that speaks Enhanced Route Refresh: our
+/// refresh request is answered with BoRR, only some routes again, EoRR, and the route
+/// not re-sent is gone after the EoRR (no withdrawal was sent); the peer's request
+/// is answered with BoRR, the UPDATEs, EoRR, in that order.
+#[tokio::test]
+async fn enhanced_route_refresh_drops_routes_not_resent_and_frames_our_answer() {
+    use bytes::BytesMut;
+    use margay_bgp::wire::{
+        Capability, Context, Family, Message, Nlri, Open, RouteRefresh, UpdatePacker,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn next_msg(s: &mut TcpStream, buf: &mut BytesMut, ctx: &Context) -> Message {
+        let read = async {
+            loop {
+                if buf.len() >= 19 {
+                    let len = usize::from(u16::from_be_bytes([buf[16], buf[17]]));
+                    if buf.len() >= len {
+                        let m = buf.split_to(len);
+                        if m[18] == 4 {
+                            continue; // KEEPALIVE
+                        }
+                        return Message::decode(&m, ctx).unwrap();
+                    }
+                }
+                assert!(s.read_buf(buf).await.unwrap() > 0, "connection closed");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("no message from the speaker")
+    }
+    let v4 = Family::Ipv4Unicast;
+    let rr = |m: &Message| match m {
+        Message::RouteRefresh(r) => Some(r.subtype),
+        _ => None,
+    };
+
+    let (a_ip, r_ip) = (ip(1, 13), ip(2, 13));
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(r_ip, port))
+        .await
+        .unwrap();
+    let (a, mut a_best) = speaker(65001, a_ip, free_port()).await;
+    let mut p = peer(r_ip, 65002, port, a_ip);
+    p.mode = ConnectMode::Active;
+    a.add_peer(p).await.unwrap();
+    a.announce(pfx("10.13.9.0/24"), PathAttrs::default())
+        .unwrap();
+
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = BytesMut::new();
+    let Message::Open(theirs) = next_msg(&mut s, &mut buf, &Context::default()).await else {
+        panic!("expected an OPEN");
+    };
+    assert!(
+        theirs
+            .capabilities
+            .contains(&Capability::EnhancedRouteRefresh),
+        "our OPEN advertises Enhanced Route Refresh: {:?}",
+        theirs.capabilities
+    );
+    let IpAddr::V4(r_id) = r_ip else {
+        unreachable!()
+    };
+    let mine = Open::new(
+        65002,
+        0,
+        r_id,
+        vec![
+            Capability::Multiprotocol { afi: 1, safi: 1 },
+            Capability::RouteRefresh,
+            Capability::EnhancedRouteRefresh,
+            Capability::FourOctetAs(65002),
+        ],
+    );
+    let ctx = Context::negotiate(&mine, &theirs, true);
+    s.write_all(&Message::Open(mine).to_bytes(&ctx).unwrap())
+        .await
+        .unwrap();
+    s.write_all(&Message::Keepalive.to_bytes(&ctx).unwrap())
+        .await
+        .unwrap();
+    let announce = |prefixes: &[&str]| {
+        let attrs = PathAttrs {
+            as_path: AsPath::sequence([65002]),
+            next_hop: Some(NextHop::V4(Ipv4Addr::new(192, 0, 2, 13))),
+            ..PathAttrs::default()
+        };
+        let mut b = BytesMut::new();
+        UpdatePacker::new(&ctx)
+            .announce(
+                &attrs.to_wire(v4),
+                prefixes.iter().map(|p| Nlri::new(pfx(p))),
+                &mut b,
+            )
+            .unwrap();
+        b
+    };
+    let marker = |subtype| {
+        Message::RouteRefresh(RouteRefresh::new(v4, subtype))
+            .to_bytes(&ctx)
+            .unwrap()
+    };
+    let (kept, dropped, kept2) = ("10.13.1.0/24", "10.13.2.0/24", "10.13.3.0/24");
+    s.write_all(&announce(&[kept, dropped, kept2]))
+        .await
+        .unwrap();
+    // The speaker's first walk: our route, then End-of-RIB.
+    loop {
+        if let Message::Update(u) = next_msg(&mut s, &mut buf, &ctx).await {
+            if u.end_of_rib_family() == Some(v4) {
+                break;
+            }
+        }
+    }
+    wait_for(&mut a_best, "the peer's routes", |c| {
+        c.prefix == pfx(kept2) && c.best.is_some()
+    })
+    .await;
+
+    // In: we ask, the peer re-sends two of its three routes between BoRR and EoRR.
+    a.request_refresh(r_ip).await.unwrap();
+    let m = next_msg(&mut s, &mut buf, &ctx).await;
+    assert_eq!(rr(&m), Some(RouteRefresh::NORMAL), "{m:?}");
+    s.write_all(&marker(RouteRefresh::BEGIN)).await.unwrap();
+    s.write_all(&announce(&[kept, kept2])).await.unwrap();
+    let held = |routes: Vec<margay_bgp::RouteStatus>| {
+        routes.iter().map(|r| r.prefix.clone()).collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = held(a.routes(Some(pfx(dropped))).await.unwrap());
+    assert_eq!(before, vec![dropped.to_owned()], "kept until the EoRR");
+    s.write_all(&marker(RouteRefresh::END)).await.unwrap();
+    wait_for(&mut a_best, "the route not re-sent to go", |c| {
+        c.prefix == pfx(dropped) && c.best.is_none()
+    })
+    .await;
+    for p in [kept, kept2] {
+        let r = a.routes(Some(pfx(p))).await.unwrap();
+        assert!(
+            r.len() == 1 && r[0].paths.len() == 1 && !r[0].paths[0].stale,
+            "{p} stays, fresh: {r:?}"
+        );
+    }
+
+    // Out: the peer asks; BoRR, the route again, EoRR.
+    s.write_all(&marker(RouteRefresh::NORMAL)).await.unwrap();
+    let m = next_msg(&mut s, &mut buf, &ctx).await;
+    assert_eq!(rr(&m), Some(RouteRefresh::BEGIN), "{m:?}");
+    let mut resent = Vec::new();
+    loop {
+        match next_msg(&mut s, &mut buf, &ctx).await {
+            Message::Update(u) => resent.extend(u.announced().map(|n| n.prefix)),
+            m => {
+                assert_eq!(rr(&m), Some(RouteRefresh::END), "{m:?}");
+                break;
+            }
+        }
+    }
+    assert_eq!(resent, vec![pfx("10.13.9.0/24")]);
+    // An unknown subtype changes nothing and keeps the session.
+    s.write_all(&marker(7)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.peers().await.unwrap()[0].state, "Established");
+    assert_eq!(a.peers().await.unwrap()[0].prefixes_accepted, 2);
+    drop(s);
+    a.shutdown("test over").await.unwrap();
+}

@@ -368,6 +368,25 @@ fn two_octet_peer_negotiates_no_four_octet_as_and_ipv4_only() {
 }
 
 #[test]
+fn enhanced_route_refresh_is_negotiated_only_when_both_opens_carry_it() {
+    let mut with_err = cfg();
+    with_err.capabilities.push(Capability::EnhancedRouteRefresh);
+    let mut peer_err = good_open();
+    peer_err.capabilities.push(Capability::EnhancedRouteRefresh);
+    for (ours, theirs, want) in [
+        (with_err.clone(), peer_err.clone(), true),
+        (with_err, good_open(), false),
+        (cfg(), peer_err, false),
+    ] {
+        let mut f = fsm_in_with(State::OpenSent, ours);
+        f.handle(Event::BgpOpen(C1, theirs));
+        let n = f.negotiated().unwrap();
+        assert_eq!(n.enhanced_route_refresh, want);
+        assert!(n.peer_route_refresh);
+    }
+}
+
+#[test]
 fn keepalive_in_openconfirm_establishes_with_the_negotiated_session() {
     let mut f = fsm_in(State::OpenConfirm);
     let a = f.handle(Event::KeepAliveMsg(C1));

@@ -58,6 +58,10 @@ pub struct Path {
     pub attrs: Arc<PathAttrs>,
     /// Kept from a graceful-restart peer whose session went down (RFC 4724 §4.2).
     pub stale: bool,
+    /// Not yet re-announced in the peer's answer to our route refresh, between its
+    /// BoRR and EoRR (RFC 7313 §4). Kept apart from `stale`: the refresh neither
+    /// removes nor revives a path graceful restart holds.
+    pub refresh_stale: bool,
 }
 
 /// The outcome: `order[0]` is the best path and `order[..multipath]` the paths equal
@@ -198,6 +202,7 @@ mod tests {
             source,
             attrs: Arc::new(a),
             stale: false,
+            refresh_stale: false,
         }
     }
 

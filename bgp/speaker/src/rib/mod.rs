@@ -10,6 +10,7 @@
 //!   sent the same UPDATEs.
 //! - [`policy`]: prefix lists, community matching, attribute setting.
 //! - [`graceful`]: the graceful-restart helper's stale-route state per peer.
+//! - [`refresh`]: route refresh answers and requests with the RFC 7313 markers.
 
 pub mod attrs;
 pub mod decision;
@@ -17,6 +18,7 @@ pub mod export;
 pub mod graceful;
 pub mod group;
 pub mod policy;
+pub mod refresh;
 pub mod table;
 
 pub use attrs::{route_update, PathAttrs, RouteUpdate};

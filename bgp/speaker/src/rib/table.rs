@@ -262,17 +262,19 @@ impl Rib {
         match (pos, attrs) {
             (Some(i), Some(a)) => {
                 let p = &mut e.paths[i];
-                if Arc::ptr_eq(&p.attrs, &a) && !p.stale {
+                if Arc::ptr_eq(&p.attrs, &a) && !p.stale && !p.refresh_stale {
                     return false;
                 }
                 p.attrs = a;
                 p.stale = false;
+                p.refresh_stale = false;
             }
             (None, Some(a)) => {
                 e.paths.push(Path {
                     source,
                     attrs: a,
                     stale: false,
+                    refresh_stale: false,
                 });
                 bump(counts, 1);
             }
@@ -316,7 +318,7 @@ impl Rib {
     /// Removes every path from `source` (its session went down without graceful
     /// restart). Returns how many prefixes changed best path.
     pub fn remove_source(&mut self, source: PeerIdx) -> usize {
-        self.remove_where(source, None, false)
+        self.remove_where(source, None, |_| true)
     }
 
     /// Marks every path from `source` stale (RFC 4724 §4.2). Returns the count.
@@ -335,10 +337,45 @@ impl Rib {
 
     /// Removes `source`'s paths that are still stale, in `family` or all families.
     pub fn sweep_stale(&mut self, source: PeerIdx, family: Option<Family>) -> usize {
-        self.remove_where(source, family, true)
+        self.remove_where(source, family, |p| p.stale)
     }
 
-    /// Paths from `source` that are stale.
+    /// Marks every path from `source` in `family` as awaiting the peer's route
+    /// refresh answer (its BoRR arrived, RFC 7313 §4). Returns the count.
+    pub fn mark_refresh_stale(&mut self, source: PeerIdx, family: Family) -> usize {
+        let mut n = 0;
+        for e in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.prefix.family() == family)
+        {
+            for p in e.paths.iter_mut().filter(|p| p.source == source) {
+                p.refresh_stale = true;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends a route refresh from `source` in `family` (its EoRR arrived, or we gave
+    /// up waiting): removes the paths it did not re-announce. Paths graceful
+    /// restart holds as stale stay for its own End-of-RIB or timer. Returns how
+    /// many prefixes changed best path.
+    pub fn sweep_refresh_stale(&mut self, source: PeerIdx, family: Family) -> usize {
+        let n = self.remove_where(source, Some(family), |p| p.refresh_stale && !p.stale);
+        for e in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.prefix.family() == family)
+        {
+            for p in e.paths.iter_mut().filter(|p| p.source == source) {
+                p.refresh_stale = false;
+            }
+        }
+        n
+    }
+
+    /// Paths from `source` that are stale (graceful restart).
     pub fn stale_count(&self, source: PeerIdx) -> usize {
         self.entries
             .iter()
@@ -347,16 +384,19 @@ impl Rib {
             .count()
     }
 
-    fn remove_where(&mut self, source: PeerIdx, family: Option<Family>, only_stale: bool) -> usize {
+    fn remove_where(
+        &mut self,
+        source: PeerIdx,
+        family: Option<Family>,
+        doomed: impl Fn(&Path) -> bool,
+    ) -> usize {
         let mut changed = 0;
         for id in 0..self.entries.len() as EntryId {
             let e = &self.entries[id as usize];
             if family.is_some_and(|f| e.prefix.family() != f) {
                 continue;
             }
-            if e.paths
-                .iter()
-                .any(|p| p.source == source && (!only_stale || p.stale))
+            if e.paths.iter().any(|p| p.source == source && doomed(p))
                 && self.update_entry(id, source, None)
             {
                 changed += 1;
@@ -722,6 +762,49 @@ mod tests {
         assert!(r.get(&v6).unwrap().best().is_some());
         assert_eq!(r.sweep_stale(1, None), 1);
         assert_eq!(r.stale_count(1), 0);
+    }
+
+    #[test]
+    fn a_route_refresh_sweeps_one_family_of_one_peer_and_spares_graceful_restart() {
+        let mut r = rib();
+        let a = p("10.1.0.0/16");
+        let b = p("10.2.0.0/16");
+        let v6 = p("2001:db8::/32");
+        let x = attrs(&[1]);
+        let y = attrs(&[2]);
+        for q in [a, b, v6] {
+            r.update(1, q, Some(x.clone()));
+        }
+        r.update(2, b, Some(y.clone()));
+        assert_eq!(r.mark_refresh_stale(1, Family::Ipv4Unicast), 2);
+        // Re-announced unchanged: fresh again, and not a best-path change.
+        let head = r.head();
+        assert!(!r.update(1, a, Some(x.clone())));
+        assert_eq!(r.head(), head);
+        assert_eq!(r.sweep_refresh_stale(1, Family::Ipv4Unicast), 1);
+        assert!(r.get(&a).unwrap().best().is_some_and(|p| p.source == 1));
+        let paths_b: Vec<_> = r.get(&b).unwrap().paths.iter().map(|p| p.source).collect();
+        assert_eq!(paths_b, vec![2], "only peer 1's unrefreshed path goes");
+        assert!(
+            r.get(&v6).unwrap().best().is_some(),
+            "other family untouched"
+        );
+        assert_eq!(r.sweep_refresh_stale(1, Family::Ipv4Unicast), 0);
+
+        // A path graceful restart holds stays through a refresh, for GR to decide.
+        r.update(1, b, Some(x.clone()));
+        assert_eq!(r.mark_stale(1), 3);
+        r.mark_refresh_stale(1, Family::Ipv4Unicast);
+        assert_eq!(r.sweep_refresh_stale(1, Family::Ipv4Unicast), 0);
+        assert_eq!(r.stale_count(1), 3);
+        assert!(r.get(&a).unwrap().paths.iter().all(|p| !p.refresh_stale));
+        // ... and GR's sweep leaves a path only the refresh marked.
+        r.update(1, a, Some(x.clone()));
+        r.mark_refresh_stale(1, Family::Ipv4Unicast);
+        assert_eq!(r.sweep_stale(1, Some(Family::Ipv4Unicast)), 1);
+        assert!(r.get(&a).unwrap().best().is_some_and(|p| p.source == 1));
+        assert_eq!(r.sweep_refresh_stale(1, Family::Ipv4Unicast), 1);
+        assert!(r.get(&a).unwrap().best().is_none());
     }
 
     #[test]
