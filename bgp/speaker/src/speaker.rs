@@ -55,6 +55,10 @@ const JOURNAL_LIMIT: u64 = 4 << 20;
 /// How long an update group waits for members whose writers are full before it
 /// goes on without them (they leave the group and continue on their own).
 const SPLIT_AFTER: Duration = Duration::from_millis(500);
+/// How long a member that left its group for reading slowly stays out of groups; it
+/// doubles with each such exit of the session, up to [`REGROUP_HOLD_MAX`].
+const REGROUP_HOLD: Duration = Duration::from_secs(10);
+const REGROUP_HOLD_MAX: Duration = Duration::from_secs(300);
 
 /// Errors of the embedding API.
 #[derive(Debug, thiserror::Error)]
@@ -482,6 +486,11 @@ struct UpState {
     eor_received: Families,
     /// Route refresh answers owed and awaited (RFC 7313 markers).
     refresh: RefreshState,
+    /// Times this session left an update group for reading too slowly, and when it
+    /// may join one again (a hold-down that doubles each time, so a slow reader does
+    /// not stall a group at every burst).
+    slow_splits: u32,
+    regroup_after: Option<Instant>,
 }
 
 /// Where a peer's Adj-RIB-Out lives.
@@ -981,6 +990,8 @@ impl SpeakerTask {
             eor_sent: false,
             eor_received: Families::NONE,
             refresh,
+            slow_splits: 0,
+            regroup_after: None,
         });
         self.apply_gr(idx, gr);
     }
@@ -1110,13 +1121,24 @@ impl SpeakerTask {
 
     fn check_max_prefixes(&mut self, idx: PeerIdx) {
         let count = self.rib.count(idx);
+        let over = self.slot(idx).is_some_and(|s| {
+            s.up.is_some()
+                && s.config
+                    .max_prefixes
+                    .is_some_and(|m| count as u64 > u64::from(m))
+        });
+        if !over {
+            return;
+        }
+        // Its session is over: out of its group before its state goes.
+        self.leave_group(idx);
         let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
             return;
         };
         let Some(max) = slot.config.max_prefixes else {
             return;
         };
-        if count as u64 > u64::from(max) && slot.up.is_some() {
+        {
             warn!(peer = %slot.config.address, count, max, "maximum prefix limit exceeded; closing the session");
             // RFC 4486 §4: AFI, SAFI and the upper bound.
             let mut data = vec![0, 1, 1];
@@ -1254,6 +1276,7 @@ impl SpeakerTask {
                 let Some(up) = self.slots[m as usize].as_ref().and_then(|s| s.up.as_ref()) else {
                     continue;
                 };
+                debug_assert!(matches!(up.out, Out::Member(i) if i == gi));
                 if !up.sink.has_room() {
                     up.sink.want_wakeup();
                     if !up.sink.has_room() {
@@ -1266,16 +1289,28 @@ impl SpeakerTask {
                 }
                 mask[w] |= 1 << (m % 64);
             }
+            if full.len() == g.members.len() {
+                // Everyone is behind: back-pressure, nobody holds anybody up.
+                g.blocked_since = None;
+                return;
+            }
             if !full.is_empty() {
                 let now = Instant::now();
                 let since = *g.blocked_since.get_or_insert(now);
-                if full.len() == g.members.len() || now.duration_since(since) < SPLIT_AFTER {
+                if now.duration_since(since) < SPLIT_AFTER {
                     return;
                 }
                 g.blocked_since = None;
                 for m in full {
-                    debug!(peer = m, "slow reader leaves its update group");
                     self.leave_group(m);
+                    if let Some(up) = self.slots[m as usize].as_mut().and_then(|s| s.up.as_mut()) {
+                        let hold = REGROUP_HOLD
+                            .saturating_mul(1 << up.slow_splits.min(5))
+                            .min(REGROUP_HOLD_MAX);
+                        up.slow_splits += 1;
+                        up.regroup_after = Some(now + hold);
+                        debug!(peer = m, ?hold, "slow reader leaves its update group");
+                    }
                 }
                 continue;
             }
@@ -1307,6 +1342,9 @@ impl SpeakerTask {
                 let Some(up) = self.slots[m as usize].as_ref().and_then(|s| s.up.as_ref()) else {
                     continue;
                 };
+                if !matches!(up.out, Out::Member(i) if i == gi) {
+                    continue;
+                }
                 for (source, others, own) in &encoded {
                     let b = if *source == m { own } else { others };
                     if !b.is_empty() {
@@ -1345,10 +1383,13 @@ impl SpeakerTask {
             return;
         }
         let rib = &self.rib;
+        let now = Instant::now();
         let ready = |s: &PeerSlot| {
             s.up.as_ref().is_some_and(|u| {
                 u.eor_sent
                     && !u.refresh.owes_end()
+                    && u.sink.has_room()
+                    && u.regroup_after.is_none_or(|t| now >= t)
                     && matches!(&u.out, Out::Solo(o) if o.is_synced(rib))
             })
         };

@@ -647,3 +647,108 @@ async fn enhanced_route_refresh_drops_routes_not_resent_and_frames_our_answer() 
     drop(s);
     a.shutdown("test over").await.unwrap();
 }
+
+/// Waits until the reflector has every one of `peers` Established in one update group.
+async fn wait_grouped(rr: &SpeakerHandle, peers: &[IpAddr]) {
+    for _ in 0..150 {
+        let ps = rr.peers().await.unwrap();
+        let groups: Vec<_> = peers
+            .iter()
+            .map(|a| {
+                ps.iter()
+                    .find(|p| p.address == *a && p.state == "Established")
+                    .and_then(|p| p.update_group)
+            })
+            .collect();
+        if groups[0].is_some() && groups.iter().all(|g| *g == groups[0]) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never in one update group: {:?}", rr.peers().await.unwrap());
+}
+
+/// A group member whose session ends at the maximum-prefix limit leaves its group;
+/// when it comes back it walks the table on its own and joins again, and the group
+/// goes on sending to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_closed_at_its_prefix_limit_leaves_its_group_and_rejoins() {
+    let (rr_ip, c1_ip, c2_ip) = (ip(1, 14), ip(2, 14), ip(3, 14));
+    let port = free_port();
+    let (rr, _rr_best) = speaker(65000, rr_ip, port).await;
+    let (c1, mut c1_best) = speaker(65000, c1_ip, port).await;
+    let (c2, mut c2_best) = speaker(65000, c2_ip, port).await;
+    for c in [c1_ip, c2_ip] {
+        let mut p = peer(c, 65000, port, rr_ip);
+        p.rr_client = true;
+        p.mode = ConnectMode::Passive;
+        p.idle_hold_time = Some(1);
+        if c == c2_ip {
+            p.max_prefixes = Some(5);
+        }
+        rr.add_peer(p).await.unwrap();
+    }
+    c1.add_peer(peer(rr_ip, 65000, port, c1_ip)).await.unwrap();
+    c2.add_peer(peer(rr_ip, 65000, port, c2_ip)).await.unwrap();
+    wait_grouped(&rr, &[c1_ip, c2_ip]).await;
+    let via_c2 = PathAttrs {
+        next_hop: Some(NextHop::V4(Ipv4Addr::new(192, 0, 2, 2))),
+        ..PathAttrs::default()
+    };
+    for i in 0..10u8 {
+        c2.announce(pfx(&format!("10.14.{i}.0/24")), via_c2.clone())
+            .unwrap();
+    }
+    let mut closed = false;
+    for _ in 0..100 {
+        let ps = rr.peers().await.unwrap();
+        if ps
+            .iter()
+            .any(|p| p.address == c2_ip && p.state != "Established")
+        {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the reflector kept the session past the limit");
+    // Back under the limit, c2 reconnects on its own.
+    for i in 5..10u8 {
+        c2.withdraw(pfx(&format!("10.14.{i}.0/24"))).unwrap();
+    }
+    wait_grouped(&rr, &[c1_ip, c2_ip]).await;
+    rr.announce(
+        pfx("10.99.0.0/24"),
+        PathAttrs {
+            next_hop: Some(NextHop::V4(Ipv4Addr::new(192, 0, 2, 1))),
+            ..PathAttrs::default()
+        },
+    )
+    .unwrap();
+    for best in [&mut c1_best, &mut c2_best] {
+        wait_for(best, "the reflector's route after the rejoin", |c| {
+            c.prefix == pfx("10.99.0.0/24") && c.best.is_some()
+        })
+        .await;
+    }
+    let mut accepted = 0;
+    for _ in 0..100 {
+        accepted = c1.peers().await.unwrap()[0].prefixes_accepted;
+        if accepted == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        accepted, 6,
+        "c1 holds c2's five prefixes and the reflector's"
+    );
+    let ps = rr.peers().await.unwrap();
+    let of = |a: IpAddr| ps.iter().find(|p| p.address == a).unwrap();
+    assert_eq!(of(c2_ip).prefixes_accepted, 5);
+    assert_eq!(of(c2_ip).prefixes_advertised, 1, "nothing of its own back");
+    assert_eq!(of(c1_ip).prefixes_advertised, 6);
+    for h in [rr, c1, c2] {
+        h.shutdown("test over").await.unwrap();
+    }
+}

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use margay_bgp_wire::Prefix;
+use margay_bgp_wire::{Family, Prefix};
 
 use super::attrs::PathAttrs;
 use super::decision::PeerIdx;
@@ -56,11 +56,20 @@ impl GroupOut {
             source: Vec::new(),
             by_source: Vec::new(),
         };
+        // As in collect: admitted and given attributes (a path with no usable next
+        // hop for the session is not sent). Paths share attributes: decide once each.
+        let mut sent: HashMap<(usize, Outcome, Family), bool, FxBuild> = HashMap::default();
         for (id, e) in rib.entries() {
             let Some(best) = e.best() else { continue };
-            if ctx
-                .admit(&e.prefix, best, rib.source(best.source))
-                .is_some()
+            let src = rib.source(best.source);
+            let Some(o) = ctx.admit(&e.prefix, best, src) else {
+                continue;
+            };
+            let family = e.prefix.family();
+            let key = (Arc::as_ptr(&best.attrs) as usize, o, family);
+            if *sent
+                .entry(key)
+                .or_insert_with(|| ctx.transform(family, best, src, o).is_some())
             {
                 g.set(id, Some(best.source));
             }

@@ -274,3 +274,31 @@ fn members_hold_what_they_would_hold_alone_through_joins_and_splits() {
         }
     }
 }
+
+#[test]
+fn a_group_formed_now_does_not_count_paths_it_could_not_send() {
+    let mut r = rib();
+    // A local route with no next hop, and no address of ours for the session:
+    // nothing to put in NEXT_HOP, so it is not sent.
+    r.update(LOCAL, p(1), Some(Arc::new(PathAttrs::default())));
+    r.update(1, p(2), Some(attrs(1, 100)));
+    let ctx = ExportCtx {
+        self_v4: None,
+        ..client(NO_PEER)
+    };
+    let g = GroupOut::in_sync(&r, &ctx);
+    assert_eq!(g.count_for(2), 1, "only client 1's route");
+    assert_eq!(g.count_for(1), 0);
+    let mut alone = AdjRibOut::new(&r);
+    let b = collect(
+        &r,
+        &mut alone,
+        &ExportCtx {
+            self_v4: None,
+            ..client(2)
+        },
+        100,
+    );
+    assert_eq!(b.prefix_count(), 1);
+    assert_eq!(alone.count(), g.count_for(2));
+}
