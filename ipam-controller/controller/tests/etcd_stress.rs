@@ -233,12 +233,21 @@ async fn run(nodes: usize, total: usize, kill_every: Duration) -> Outcome {
     let mut restarted = false;
     // Kill random node tasks (and start them again, as a restarted process), and restart
     // etcd once half way.
+    // A kill comes after `kill_every` (plus jitter) or after a 25th of the operations,
+    // whichever is first, so a fast run is not over before it was interrupted enough.
+    let step = (total / 25).max(1);
+    let mut last_kill_ops = 0;
     while tasks.iter().any(|t| !t.is_finished()) {
-        tokio::time::sleep(
-            kill_every + Duration::from_millis(rng.below(kill_every.as_millis() as u64) as u64),
-        )
-        .await;
+        let wait =
+            kill_every + Duration::from_millis(rng.below(kill_every.as_millis() as u64) as u64);
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline
+            && shared.ops.load(Ordering::SeqCst) < last_kill_ops + step
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let done = shared.ops.load(Ordering::SeqCst);
+        last_kill_ops = done;
         if !restarted && done >= total / 2 {
             restarted = true;
             println!("stress: stopping etcd after {done} operations");
