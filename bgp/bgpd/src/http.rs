@@ -331,12 +331,26 @@ pub fn metrics(peers: &[PeerStatus], latency: &Histogram) -> String {
             "Stale paths kept for a restarting peer.",
             |p| p.prefixes_stale,
         ),
+        (
+            "margay_bgp_update_group_member",
+            "1 while the peer shares an update group (one encoding for peers sent the same UPDATEs), 0 while on its own.",
+            |p| usize::from(p.update_group.is_some()),
+        ),
     ] {
         family(name, "gauge", help, &mut o);
         for p in peers {
             let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", p.address, f(p));
         }
     }
+    family(
+        "margay_bgp_update_groups",
+        "gauge",
+        "Update groups with at least one member.",
+        &mut o,
+    );
+    let groups: std::collections::HashSet<usize> =
+        peers.iter().filter_map(|p| p.update_group).collect();
+    let _ = writeln!(o, "margay_bgp_update_groups {}", groups.len());
     family(
         "margay_bgp_update_processing_seconds",
         "histogram",
@@ -438,12 +452,20 @@ mod tests {
             "state": "Established", "since": 0, "last_error": null, "router_id": "10.0.0.2",
             "local_address": "10.0.0.1", "hold_time": 90, "families": ["ipv4-unicast"],
             "graceful_restart": false, "four_octet_as": true, "prefixes_received": 3, "prefixes_accepted": 2,
-            "prefixes_advertised": 1, "prefixes_stale": 0,
+            "prefixes_advertised": 1, "prefixes_stale": 0, "update_group": 3,
             "messages_received": {"open":1,"update":2,"notification":0,"keepalive":3,"route_refresh":0},
             "messages_sent": {"open":1,"update":1,"notification":0,"keepalive":3,"route_refresh":0}
         }))
         .unwrap();
-        let t = metrics(&[p], &h);
+        let mut alone = p.clone();
+        alone.address = "10.0.0.3".parse().unwrap();
+        alone.update_group = None;
+        let mut other = p.clone();
+        other.address = "10.0.0.4".parse().unwrap();
+        let t = metrics(&[p, alone, other], &h);
+        assert!(t.contains("margay_bgp_update_group_member{peer=\"10.0.0.2\"} 1"));
+        assert!(t.contains("margay_bgp_update_group_member{peer=\"10.0.0.3\"} 0"));
+        assert!(t.contains("margay_bgp_update_groups 1\n"));
         assert!(t.contains("margay_bgp_session_state{peer=\"10.0.0.2\",asn=\"65000\"} 6"));
         assert!(
             t.contains("margay_bgp_messages_received_total{peer=\"10.0.0.2\",type=\"update\"} 2")
