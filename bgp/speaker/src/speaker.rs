@@ -880,7 +880,7 @@ impl SpeakerTask {
                         Err(e) => warn!(peer = idx, error = %e, "cannot encode ROUTE-REFRESH"),
                     }
                 }
-                RefreshAction::Walk => {
+                RefreshAction::Walk(f) => {
                     // The answer is this peer's own walk, not its group's stream.
                     self.leave_group(idx);
                     let rib = &self.rib;
@@ -889,7 +889,7 @@ impl SpeakerTask {
                         .and_then(|s| s.up.as_mut())
                         .map(|u| &mut u.out)
                     {
-                        out.resync(rib);
+                        out.refresh(rib, f);
                     }
                 }
                 RefreshAction::MarkStale(f) => {

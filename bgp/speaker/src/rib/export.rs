@@ -229,9 +229,12 @@ pub struct AdjRibOut {
     count: usize,
     /// Next journal record to look at.
     pub(super) cursor: Seq,
-    /// During a full table walk (session start, route refresh, resync), the next
-    /// entry to look at; the journal is read after the walk.
+    /// During a table walk (session start, route refresh, resync), the next entry
+    /// to look at; the journal is read after the walk.
     pub(super) walk: Option<EntryId>,
+    /// The family a walk is limited to (a ROUTE-REFRESH for one family); `None`
+    /// walks everything.
+    walk_family: Option<Family>,
 }
 
 impl AdjRibOut {
@@ -242,6 +245,7 @@ impl AdjRibOut {
             count: 0,
             cursor: rib.head(),
             walk: Some(0),
+            walk_family: None,
         }
     }
 
@@ -253,6 +257,7 @@ impl AdjRibOut {
             count: 0,
             cursor: rib.head(),
             walk: None,
+            walk_family: None,
         }
     }
 
@@ -311,6 +316,26 @@ impl AdjRibOut {
     pub fn resync(&mut self, rib: &Rib) {
         self.cursor = rib.head();
         self.walk = Some(0);
+        self.walk_family = None;
+    }
+
+    /// Sends `family` again (ROUTE-REFRESH for it): a walk of that family's entries.
+    /// The journal position stays, so changes of other families since then still
+    /// come from the journal (entries of `family` may be visited twice, which sends
+    /// them twice, harmlessly). A walk already under way is started over, for both
+    /// families if it was for the other one.
+    pub fn refresh(&mut self, rib: &Rib, family: Family) {
+        match (self.walk, self.walk_family) {
+            (Some(_), None) => self.resync(rib),
+            (Some(_), Some(f)) if f != family => {
+                self.walk = Some(0);
+                self.walk_family = None;
+            }
+            _ => {
+                self.walk = Some(0);
+                self.walk_family = Some(family);
+            }
+        }
     }
 
     /// Nothing left to send.
@@ -389,12 +414,18 @@ pub fn collect(rib: &Rib, out: &mut AdjRibOut, ctx: &ExportCtx, budget: usize) -
     if let Some(mut next) = out.walk {
         let len = rib.len() as EntryId;
         while next < len && n < budget {
-            visit(next, out, &mut b);
+            if out
+                .walk_family
+                .is_none_or(|f| rib.entry(next).prefix.family() == f)
+            {
+                visit(next, out, &mut b);
+                n += 1;
+            }
             next += 1;
-            n += 1;
         }
         if next >= len {
             out.walk = None;
+            out.walk_family = None;
             b.walk_done = true;
         } else {
             out.walk = Some(next);

@@ -24,8 +24,8 @@ pub const EORR_WAIT: Duration = Duration::from_secs(360);
 pub enum RefreshAction {
     /// Send a ROUTE-REFRESH message with this subtype (BoRR or EoRR) for the family.
     Send(Family, u8),
-    /// Walk the table: send the peer its whole Adj-RIB-Out again.
-    Walk,
+    /// Walk the table: send the peer its Adj-RIB-Out of the family again.
+    Walk(Family),
     /// Mark the peer's paths in the family refresh-stale.
     MarkStale(Family),
     /// Remove the peer's paths in the family that are still refresh-stale.
@@ -87,12 +87,12 @@ impl RefreshState {
         match subtype {
             RouteRefresh::NORMAL => {
                 if !self.enhanced {
-                    return Ok(vec![RefreshAction::Walk]);
+                    return Ok(vec![RefreshAction::Walk(family)]);
                 }
                 self.owed.insert(family);
                 Ok(vec![
                     RefreshAction::Send(family, RouteRefresh::BEGIN),
-                    RefreshAction::Walk,
+                    RefreshAction::Walk(family),
                 ])
             }
             RouteRefresh::BEGIN | RouteRefresh::END if !self.enhanced => {
@@ -156,15 +156,15 @@ mod tests {
     fn a_request_is_answered_with_borr_walk_and_eorr_only_with_the_capability() {
         let now = Instant::now();
         let mut plain = RefreshState::new(false, both());
-        assert_eq!(plain.received(V4, 0, now), Ok(vec![Walk]));
+        assert_eq!(plain.received(V4, 0, now), Ok(vec![Walk(V4)]));
         assert!(plain.walk_done().is_empty());
 
         let mut err = RefreshState::new(true, both());
-        assert_eq!(err.received(V4, 0, now), Ok(vec![Send(V4, 1), Walk]));
+        assert_eq!(err.received(V4, 0, now), Ok(vec![Send(V4, 1), Walk(V4)]));
         assert!(err.owes_end());
         // A second request before the walk ends restarts it; both families end
         // after the complete walk.
-        assert_eq!(err.received(V6, 0, now), Ok(vec![Send(V6, 1), Walk]));
+        assert_eq!(err.received(V6, 0, now), Ok(vec![Send(V6, 1), Walk(V6)]));
         assert_eq!(err.walk_done(), vec![Send(V4, 2), Send(V6, 2)]);
         assert!(!err.owes_end());
         assert!(err.walk_done().is_empty(), "an EoRR is sent once");

@@ -377,3 +377,49 @@ fn ipv6_batches_use_mp_reach_and_mp_unreach() {
     assert!(ups[0].mp_unreach().is_some());
     assert!(matches!(ups[1].mp_reach(), Some(MpReach::Unicast { nlri, .. }) if nlri.len() == 1));
 }
+
+#[test]
+fn a_refresh_for_one_family_walks_that_family_and_keeps_the_journal() {
+    let mut r = rib();
+    let v6 = |last: u16| {
+        Arc::new(PathAttrs {
+            next_hop: Some(NextHop::V6 {
+                global: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last),
+                link_local: None,
+            }),
+            local_pref: Some(100),
+            ..PathAttrs::default()
+        })
+    };
+    r.update(1, p("10.1.0.0/24"), Some(learned([10, 0, 0, 1], &[])));
+    r.update(1, p("10.1.1.0/24"), Some(learned([10, 0, 0, 1], &[])));
+    r.update(1, p("fd10::/64"), Some(v6(1)));
+    r.update(1, p("fd11::/64"), Some(v6(1)));
+    let c = ctx(2);
+    let mut out = AdjRibOut::new(&r);
+    let b = collect(&r, &mut out, &c, 100);
+    assert_eq!(b.prefix_count(), 4);
+    assert!(out.is_synced(&r));
+
+    // An IPv6 change waits in the journal when the peer asks for IPv4 again.
+    r.update(1, p("fd10::/64"), Some(v6(2)));
+    out.refresh(&r, Family::Ipv4Unicast);
+    let mut sent: Vec<Prefix> = Vec::new();
+    while !out.is_synced(&r) {
+        let b = collect(&r, &mut out, &c, 1);
+        sent.extend(b.announced.iter().flat_map(|(_, ps)| ps.iter().copied()));
+    }
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![p("10.1.0.0/24"), p("10.1.1.0/24"), p("fd10::/64")],
+        "IPv4 again, the IPv6 change from the journal, not the unchanged IPv6 route"
+    );
+
+    // A request for the other family during the walk widens it to both.
+    out.refresh(&r, Family::Ipv4Unicast);
+    out.refresh(&r, Family::Ipv6Unicast);
+    let b = collect(&r, &mut out, &c, 100);
+    assert_eq!(b.prefix_count(), 4);
+    assert!(b.walk_done);
+}
