@@ -724,7 +724,7 @@ impl SpeakerTask {
         if let Ok(mut r) = self.registry.lock() {
             r.remove(&addr);
         }
-        self.leave_group(idx);
+        self.end_session(idx);
         if let Some(slot) = self.slots[idx as usize].take() {
             let _ = slot.cmd.send(SessionCmd::Stop {
                 message: why.to_owned(),
@@ -768,15 +768,14 @@ impl SpeakerTask {
         let export_changed = p.export != old.export;
         slot.config = p.clone();
         if export_changed && slot.up.is_some() {
-            self.leave_group(idx);
             if let Some(up) = self.slots[idx as usize]
                 .as_mut()
                 .and_then(|s| s.up.as_mut())
             {
                 up.export.policy = Arc::new(p.export.clone());
-                if let Out::Solo(out) = &mut up.out {
-                    out.resync(&self.rib);
-                }
+            }
+            if let Some((rib, out)) = self.own_out(idx) {
+                out.resync(rib);
             }
         }
         let Some(slot) = self.slots[idx as usize].as_mut() else {
@@ -882,13 +881,7 @@ impl SpeakerTask {
                 }
                 RefreshAction::Walk(f) => {
                     // The answer is this peer's own walk, not its group's stream.
-                    self.leave_group(idx);
-                    let rib = &self.rib;
-                    if let Some(Out::Solo(out)) = self.slots[idx as usize]
-                        .as_mut()
-                        .and_then(|s| s.up.as_mut())
-                        .map(|u| &mut u.out)
-                    {
+                    if let Some((rib, out)) = self.own_out(idx) {
                         out.refresh(rib, f);
                     }
                 }
@@ -1000,11 +993,10 @@ impl SpeakerTask {
         if self.slot(idx).is_none_or(|s| s.epoch != epoch) {
             return;
         }
-        self.leave_group(idx);
+        self.end_session(idx);
         let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
             return;
         };
-        slot.up = None;
         let gr = slot
             .gr
             .session_down(reason.allows_graceful_restart(), slot.last_gr.as_ref());
@@ -1130,29 +1122,25 @@ impl SpeakerTask {
         if !over {
             return;
         }
-        // Its session is over: out of its group before its state goes.
-        self.leave_group(idx);
+        // Nothing more from this session counts.
+        self.end_session(idx);
         let Some(slot) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) else {
             return;
         };
         let Some(max) = slot.config.max_prefixes else {
             return;
         };
-        {
-            warn!(peer = %slot.config.address, count, max, "maximum prefix limit exceeded; closing the session");
-            // RFC 4486 §4: AFI, SAFI and the upper bound.
-            let mut data = vec![0, 1, 1];
-            data.extend_from_slice(&max.to_be_bytes());
-            let _ = slot.cmd.send(SessionCmd::AutomaticStop(Notification::error(
-                margay_bgp_wire::code::CEASE,
-                cease::MAX_PREFIXES,
-                data,
-            )));
-            // Nothing more from this session counts.
-            slot.up = None;
-            slot.epoch = u64::MAX;
-            self.rib.remove_source(idx);
-        }
+        warn!(peer = %slot.config.address, count, max, "maximum prefix limit exceeded; closing the session");
+        // RFC 4486 §4: AFI, SAFI and the upper bound.
+        let mut data = vec![0, 1, 1];
+        data.extend_from_slice(&max.to_be_bytes());
+        let _ = slot.cmd.send(SessionCmd::AutomaticStop(Notification::error(
+            margay_bgp_wire::code::CEASE,
+            cease::MAX_PREFIXES,
+            data,
+        )));
+        slot.epoch = u64::MAX;
+        self.rib.remove_source(idx);
     }
 
     fn check_deferral(&mut self) {
@@ -1255,13 +1243,8 @@ impl SpeakerTask {
             if g.out.is_trimmed(rib) {
                 // Too far behind for the journal: every member walks the table again.
                 for m in g.members.clone() {
-                    self.leave_group(m);
-                    if let Some(Out::Solo(out)) = self.slots[m as usize]
-                        .as_mut()
-                        .and_then(|s| s.up.as_mut())
-                        .map(|u| &mut u.out)
-                    {
-                        out.resync(&self.rib);
+                    if let Some((rib, out)) = self.own_out(m) {
+                        out.resync(rib);
                     }
                 }
                 return;
@@ -1352,6 +1335,27 @@ impl SpeakerTask {
                     }
                 }
             }
+        }
+    }
+
+    /// The established session of `idx` is over: out of its update group, then its
+    /// state goes. Every end of a session comes through here, so no group keeps a
+    /// member that has no session.
+    fn end_session(&mut self, idx: PeerIdx) {
+        self.leave_group(idx);
+        if let Some(s) = self.slots.get_mut(idx as usize).and_then(|s| s.as_mut()) {
+            s.up = None;
+        }
+    }
+
+    /// Peer `idx`'s own Adj-RIB-Out, taking it out of its update group first (for
+    /// a walk that answers this peer alone), with the table.
+    fn own_out(&mut self, idx: PeerIdx) -> Option<(&Rib, &mut AdjRibOut)> {
+        self.leave_group(idx);
+        let up = self.slots.get_mut(idx as usize)?.as_mut()?.up.as_mut()?;
+        match &mut up.out {
+            Out::Solo(out) => Some((&self.rib, out)),
+            Out::Member(_) => None,
         }
     }
 

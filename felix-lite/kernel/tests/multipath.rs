@@ -10,12 +10,12 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{all_ok, can_run, ip, netns, nl, ping, skipped};
+use common::{all_ok, can_run, dumped, hops, ip, kernel_hops, netns, nl, ping, replace, skipped};
 use ipnet::IpNet;
 use margay_kernel::netns::{Netns, OwnedNetns};
 use margay_kernel::{
-    AddressOptions, Family, KernelError, KernelRoute, NextHop, PathHop, Route, RouteFilter,
-    RouteKey, RouteWriter, VethSpec, WriteOp, MAIN_TABLE,
+    AddressOptions, Family, KernelError, NextHop, PathHop, Route, RouteFilter, RouteKey,
+    RouteWriter, VethSpec, WriteOp, MAIN_TABLE,
 };
 use serde_json::Value;
 
@@ -118,60 +118,6 @@ fn kernel_has_multipath(test: &str, node: &Netns) -> bool {
         ip(node, &[fam, "route", "del", dst]);
     }
     true
-}
-
-/// The next hops `ip -j` reports for the one route `dst` in `table`, as (gateway, device,
-/// weight); a single-path route gives one entry of weight 0 (`ip` prints none).
-fn kernel_hops(ns: &Netns, dst: &str, table: u32) -> Vec<(String, String, u64)> {
-    let fam = if dst.contains(':') { "-6" } else { "-4" };
-    let table = table.to_string();
-    let out = ip(
-        ns,
-        &[
-            "-j", fam, "route", "show", "table", &table, "proto", "77", "exact", dst,
-        ],
-    );
-    let routes: Vec<Value> = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(routes.len(), 1, "one route {dst} in table {table}: {out}");
-    let r = &routes[0];
-    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
-    match r["nexthops"].as_array() {
-        Some(hops) => hops
-            .iter()
-            .map(|h| (s(h, "gateway"), s(h, "dev"), h["weight"].as_u64().unwrap()))
-            .collect(),
-        None => vec![(s(r, "gateway"), s(r, "dev"), 0)],
-    }
-}
-
-fn hops(v: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
-    v.iter()
-        .map(|(g, d, w)| (g.to_string(), d.to_string(), *w))
-        .collect()
-}
-
-/// The writer's dump of our route `key`; exactly one route, or a panic.
-fn dumped(w: &RouteWriter, key: RouteKey) -> KernelRoute {
-    let all: Vec<KernelRoute> = w
-        .dump_blocking(RouteFilter::margay())
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.key() == key)
-        .collect();
-    assert_eq!(all.len(), 1, "one route for {key}: {all:?}");
-    all.into_iter().next().unwrap()
-}
-
-fn replace(w: &RouteWriter, routes: &[&Route]) {
-    all_ok(
-        &w.apply_blocking(
-            routes
-                .iter()
-                .map(|r| WriteOp::ReplaceRoute((*r).clone()))
-                .collect(),
-        )
-        .unwrap(),
-    );
 }
 
 #[test]

@@ -12,14 +12,13 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{all_ok, can_run, ip, netns, nl, ping, skipped};
+use common::{all_ok, can_run, dumped, hops, ip, kernel_hops, netns, nl, ping, replace, skipped};
 use ipnet::IpNet;
 use margay_kernel::netns::{Netns, OwnedNetns};
 use margay_kernel::{
-    AddressOptions, KernelError, KernelRoute, PathHop, Route, RouteFilter, RouteKey, RouteWriter,
-    VethSpec, WriteOp, MAIN_TABLE,
+    AddressOptions, KernelError, PathHop, Route, RouteFilter, RouteKey, RouteWriter, VethSpec,
+    WriteOp, MAIN_TABLE,
 };
-use serde_json::Value;
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -129,70 +128,6 @@ fn kernel_takes(test: &str, node: &Netns, route: &[&str]) -> bool {
     }
     ip(node, &["-4", "route", "del", route[0]]);
     true
-}
-
-/// The next hops `ip -j` reports for the one route `dst` of ours in `table`, as (gateway as
-/// `ip route` writes it, device, weight): `inet6 <addr>` for a `via` (RTA_VIA) gateway, the
-/// bare address for an RTA_GATEWAY one. A single-path route gives one entry of weight 0 (`ip`
-/// prints none).
-fn kernel_hops(ns: &Netns, dst: &str, table: u32) -> Vec<(String, String, u64)> {
-    let table = table.to_string();
-    let out = ip(
-        ns,
-        &[
-            "-j", "-4", "route", "show", "table", &table, "proto", "77", "exact", dst,
-        ],
-    );
-    let routes: Vec<Value> = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(routes.len(), 1, "one route {dst} in table {table}: {out}");
-    let r = &routes[0];
-    let gateway = |h: &Value| match (&h["via"], &h["gateway"]) {
-        (Value::Object(via), _) => format!(
-            "{} {}",
-            via["family"].as_str().unwrap_or("?"),
-            via["host"].as_str().unwrap_or("?")
-        ),
-        (_, Value::String(g)) => g.clone(),
-        _ => String::new(),
-    };
-    let dev = |h: &Value| h["dev"].as_str().unwrap_or_default().to_string();
-    match r["nexthops"].as_array() {
-        Some(hops) => hops
-            .iter()
-            .map(|h| (gateway(h), dev(h), h["weight"].as_u64().unwrap()))
-            .collect(),
-        None => vec![(gateway(r), dev(r), 0)],
-    }
-}
-
-fn hops(v: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
-    v.iter()
-        .map(|(g, d, w)| (g.to_string(), d.to_string(), *w))
-        .collect()
-}
-
-/// The writer's dump of our route `key`; exactly one route, or a panic.
-fn dumped(w: &RouteWriter, key: RouteKey) -> KernelRoute {
-    let all: Vec<KernelRoute> = w
-        .dump_blocking(RouteFilter::margay())
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.key() == key)
-        .collect();
-    assert_eq!(all.len(), 1, "one route for {key}: {all:?}");
-    all.into_iter().next().unwrap()
-}
-
-fn replace(w: &RouteWriter, routes: &[&Route]) {
-    all_ok(
-        &w.apply_blocking(
-            routes
-                .iter()
-                .map(|r| WriteOp::ReplaceRoute((*r).clone()))
-                .collect(),
-        )
-        .unwrap(),
-    );
 }
 
 fn all_routes(ns: &Netns) -> String {

@@ -155,15 +155,6 @@ pub struct GroupBatch {
     pub sections: Vec<Section>,
 }
 
-impl GroupBatch {
-    pub fn prefix_count(&self) -> usize {
-        self.sections
-            .iter()
-            .map(|s| s.others.prefix_count() + s.to_source.len())
-            .sum()
-    }
-}
-
 /// A run of announcements: (source attributes, policy outcome, source peer).
 type RunKey = (usize, Outcome, PeerIdx);
 

@@ -238,3 +238,71 @@ pub fn node_uplink(node: &Netns, addr: &str, gw: &str, addr6: &str, gw6: &str) {
         WriteOp::ReplaceRoute(Route::via("::/0".parse().unwrap(), gw6.parse().unwrap())),
     ]));
 }
+
+/// The next hops `ip -j` reports for the one route `dst` of ours (protocol 77) in `table`, as
+/// (gateway as `ip route` writes it, device, weight): `inet6 <addr>` for a `via` (`RTA_VIA`)
+/// gateway, the bare address for an `RTA_GATEWAY` one. A single-path route gives one entry of
+/// weight 0 (`ip` prints none).
+pub fn kernel_hops(ns: &Netns, dst: &str, table: u32) -> Vec<(String, String, u64)> {
+    let fam = if dst.contains(':') { "-6" } else { "-4" };
+    let table = table.to_string();
+    let out = ip(
+        ns,
+        &[
+            "-j", fam, "route", "show", "table", &table, "proto", "77", "exact", dst,
+        ],
+    );
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(routes.len(), 1, "one route {dst} in table {table}: {out}");
+    let r = &routes[0];
+    let gateway = |h: &serde_json::Value| match (&h["via"], &h["gateway"]) {
+        (serde_json::Value::Object(via), _) => format!(
+            "{} {}",
+            via["family"].as_str().unwrap_or("?"),
+            via["host"].as_str().unwrap_or("?")
+        ),
+        (_, serde_json::Value::String(g)) => g.clone(),
+        _ => String::new(),
+    };
+    let dev = |h: &serde_json::Value| h["dev"].as_str().unwrap_or_default().to_string();
+    match r["nexthops"].as_array() {
+        Some(hops) => hops
+            .iter()
+            .map(|h| (gateway(h), dev(h), h["weight"].as_u64().unwrap()))
+            .collect(),
+        None => vec![(gateway(r), dev(r), 0)],
+    }
+}
+
+/// `(gateway, device, weight)` triples as [`kernel_hops`] returns them.
+pub fn hops(v: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
+    v.iter()
+        .map(|(g, d, w)| (g.to_string(), d.to_string(), *w))
+        .collect()
+}
+
+/// The writer's dump of our route `key`; exactly one route, or a panic.
+pub fn dumped(w: &RouteWriter, key: margay_kernel::RouteKey) -> margay_kernel::KernelRoute {
+    let all: Vec<margay_kernel::KernelRoute> = w
+        .dump_blocking(margay_kernel::RouteFilter::margay())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.key() == key)
+        .collect();
+    assert_eq!(all.len(), 1, "one route for {key}: {all:?}");
+    all.into_iter().next().unwrap()
+}
+
+/// Replaces `routes` through the writer; every op must succeed.
+pub fn replace(w: &RouteWriter, routes: &[&Route]) {
+    all_ok(
+        &w.apply_blocking(
+            routes
+                .iter()
+                .map(|r| WriteOp::ReplaceRoute((*r).clone()))
+                .collect(),
+        )
+        .unwrap(),
+    );
+}
