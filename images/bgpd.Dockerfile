@@ -4,7 +4,7 @@
 # Distroless; it binds the BGP port with NET_BIND_SERVICE and needs no other privilege as a
 # pure route reflector (it installs no routes).
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p margay-bgpd -p margayctl

@@ -2,7 +2,7 @@
 #   docker build -f images/ipam-controller.Dockerfile -t margay/ipam-controller:<tag> .
 # It talks only to the datastore, so it runs distroless and as a non-root user.
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p margay-ipam-controller

@@ -5,7 +5,7 @@
 # nftables rather than distroless. It runs as root with NET_ADMIN, NET_RAW and NET_BIND_SERVICE
 # only (see the chart); the CNI binaries are copied to the host and run by the container runtime.
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p margay-node -p margay-cni -p margayctl

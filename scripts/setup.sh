@@ -4,8 +4,9 @@
 set -euo pipefail
 
 PACKAGES=(
-  # datastore and build
-  etcd-server etcd-client protobuf-compiler
+  # datastore and build: etcd-client's build runs protoc, which needs the well-known types
+  # (google/protobuf/*.proto) from libprotobuf-dev; --no-install-recommends leaves them out
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev
   # BGP peers for interop tests and the lab
   bird2 gobgpd frr exabgp
   # kernel tooling used by tests and the lab
