@@ -22,10 +22,71 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     for crd in &mut crds {
         // Users find every Margay resource with `kubectl get margay`.
         crd.spec.names.categories = Some(vec!["margay".into()]);
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                *schema = structural(schema);
+            }
+        }
     }
     crds
 }
 
+type Schema = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
+
+/// Makes a generated schema one that every API server from v1.20 on accepts as structural:
+///
+/// - An `Option` of an enum comes out with `null` among the enum values beside
+///   `nullable: true`; servers refuse that ("per-version schemas may not all be set to
+///   identical values" is what v1.21 answers for the bgpconfigurations CRD). `nullable` says
+///   it already, so `null` leaves the list.
+/// - Defaults under `status` (`default: ''` on a condition's `reason`) are refused by v1.20.
+///   Status is written by Margay's own controllers, which fill every field, so no default is
+///   needed there.
+fn structural(schema: &Schema) -> Schema {
+    let mut v = serde_json::to_value(schema).expect("a schema always serialises");
+    each_schema(&mut v, &mut |node| {
+        if let Some(serde_json::Value::Array(values)) = node.get_mut("enum") {
+            values.retain(|x| !x.is_null());
+        }
+    });
+    if let Some(status) = v.pointer_mut("/properties/status") {
+        each_schema(status, &mut |node| {
+            node.remove("default");
+        });
+    }
+    serde_json::from_value(v).expect("the edited schema is still a schema")
+}
+
+/// Calls `f` on `schema` and on every schema nested in it (properties, items, additional
+/// properties, combinators), never on a map of field names itself.
+fn each_schema(
+    schema: &mut serde_json::Value,
+    f: &mut dyn FnMut(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let Some(node) = schema.as_object_mut() else {
+        return;
+    };
+    f(node);
+    for key in ["properties", "patternProperties"] {
+        if let Some(serde_json::Value::Object(fields)) = node.get_mut(key) {
+            fields.values_mut().for_each(|s| each_schema(s, f));
+        }
+    }
+    for key in ["items", "additionalProperties", "not"] {
+        if let Some(s) = node.get_mut(key) {
+            each_schema(s, f);
+        }
+    }
+    for key in ["allOf", "anyOf", "oneOf"] {
+        if let Some(serde_json::Value::Array(list)) = node.get_mut(key) {
+            list.iter_mut().for_each(|s| each_schema(s, f));
+        }
+    }
+}
 /// The file name and YAML text of each CRD, e.g. `margay.io_ippools.yaml`.
 pub fn rendered() -> Vec<(String, String)> {
     all()

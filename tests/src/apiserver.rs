@@ -22,11 +22,33 @@ pub const APISERVER_ENV: &str = "KUBE_APISERVER_BIN";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const CRD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The kube-apiserver binary named by `KUBE_APISERVER_BIN`, if set.
+/// The kube-apiserver binary: the one `KUBE_APISERVER_BIN` names, else `kube-apiserver` on
+/// `PATH`.
 pub fn apiserver_binary() -> Option<PathBuf> {
-    std::env::var_os(APISERVER_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+    if let Some(named) = std::env::var_os(APISERVER_ENV).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(named));
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("kube-apiserver"))
+        .find(|p| p.is_file())
+}
+
+/// The kube-apiserver binary for a test that needs one. Without one the test does not run:
+/// it prints a `SKIPPED` line (once per test process) and gets `None`, except under `CI=true`,
+/// where a missing API server fails the test, so that a green CI always means the Kubernetes
+/// tests ran.
+pub fn require_apiserver(suite: &str) -> Option<PathBuf> {
+    if let Some(bin) = apiserver_binary() {
+        return Some(bin);
+    }
+    let why = format!(
+        "no kube-apiserver: set {APISERVER_ENV} to a kube-apiserver v1.20+ binary or put one on PATH (docs/datastore.md says how to build one)"
+    );
+    if crate::ci() {
+        panic!("{suite} must run under CI=true, but there is {why}");
+    }
+    crate::skipped(suite, &why);
+    None
 }
 
 /// The directory of the committed CRD manifests, `charts/margay/crds`.
@@ -34,12 +56,26 @@ pub fn crd_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/margay/crds")
 }
 
+/// How the API server decides who may do what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authorization {
+    /// Every authenticated request is allowed: for tests of the datastore itself.
+    AlwaysAllow,
+    /// RBAC, as in a real cluster: for tests that run components under the chart's
+    /// ServiceAccounts and Roles.
+    Rbac,
+}
+
 /// A running kube-apiserver. Dropping it stops the API server, then its etcd.
+///
+/// Every request is written to an audit log, so that a test can find each request the server
+/// refused with 403 ([`ApiServerProcess::forbidden`]) whatever the client did with the answer.
 #[derive(Debug)]
 pub struct ApiServerProcess {
     process: Managed,
     port: u16,
     version: String,
+    authorization: Authorization,
     token_file: PathBuf,
     etcd: EtcdProcess,
     // Declared last: removed after the process has stopped.
@@ -47,9 +83,19 @@ pub struct ApiServerProcess {
 }
 
 impl ApiServerProcess {
-    /// Starts etcd and the API server from `bin`, waits for `/readyz`, and installs every CRD
-    /// in [`crd_dir`].
+    /// Starts etcd and the API server from `bin` (every request allowed), waits for `/readyz`,
+    /// and installs every CRD in [`crd_dir`].
     pub async fn start(bin: &Path) -> Result<ApiServerProcess> {
+        ApiServerProcess::start_with(bin, Authorization::AlwaysAllow, true).await
+    }
+
+    /// Like [`start`](Self::start), with the authorization mode given, and Margay's CRDs
+    /// installed only when `crds` (else the test installs them, with helm say).
+    pub async fn start_with(
+        bin: &Path,
+        authorization: Authorization,
+        crds: bool,
+    ) -> Result<ApiServerProcess> {
         if !bin.is_file() {
             bail!("{APISERVER_ENV}={} is not a file", bin.display());
         }
@@ -89,6 +135,7 @@ impl ApiServerProcess {
             process: Managed::stopped("kube-apiserver"),
             port: 0,
             version,
+            authorization,
             token_file,
             etcd,
             dir,
@@ -105,7 +152,9 @@ impl ApiServerProcess {
                 Err(e) => return Err(e),
             }
         }
-        me.install_crds(&crd_dir()).await?;
+        if crds {
+            me.install_crds(&crd_dir()).await?;
+        }
         Ok(me)
     }
 
@@ -122,7 +171,16 @@ impl ApiServerProcess {
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={}", self.port),
             format!("--cert-dir={}", d.join("certs").display()),
-            "--authorization-mode=AlwaysAllow".into(),
+            match self.authorization {
+                Authorization::AlwaysAllow => "--authorization-mode=AlwaysAllow".into(),
+                Authorization::Rbac => "--authorization-mode=RBAC".into(),
+            },
+            format!(
+                "--audit-policy-file={}",
+                d.join("audit-policy.yaml").display()
+            ),
+            format!("--audit-log-path={}", self.audit_log().display()),
+            "--audit-log-format=json".into(),
             format!("--token-auth-file={}", d.join("tokens.csv").display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", sa_key.display()),
@@ -137,6 +195,11 @@ impl ApiServerProcess {
             // over it.
             args.push("--insecure-port=0".into());
         }
+        // One line per request, once its answer is known: enough to see every refusal.
+        std::fs::write(
+            d.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\nrules:\n  - level: Metadata\n",
+        )?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -182,10 +245,87 @@ impl ApiServerProcess {
 
     /// A client with admin rights that accepts the server's self-signed certificate.
     pub fn client(&self) -> Result<kube::Client> {
-        let mut config = kube::Config::new(format!("https://127.0.0.1:{}", self.port).parse()?);
+        let mut config = kube::Config::new(self.url().parse()?);
         config.accept_invalid_certs = true;
         config.auth_info.token_file = Some(self.token_file.display().to_string());
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The server's address, `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Writes a kubeconfig for this server that authenticates with `token` (the admin's when
+    /// `None`), as a component or kubectl reads it.
+    pub fn write_kubeconfig(&self, path: &Path, token: Option<&str>) -> Result<()> {
+        let token = match token {
+            Some(t) => t.to_owned(),
+            None => std::fs::read_to_string(&self.token_file)?,
+        };
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": self.url(),
+                "insecure-skip-tls-verify": true,
+            }}],
+            "users": [{"name": "test", "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            "current-context": "test",
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// A token of ServiceAccount `namespace/name`, from the TokenRequest API, valid for an hour.
+    pub async fn service_account_token(&self, namespace: &str, name: &str) -> Result<String> {
+        let req = http::Request::post(format!(
+            "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        }))?)?;
+        let answer: Value =
+            self.client()?.request(req).await.with_context(|| {
+                format!("requesting a token of ServiceAccount {namespace}/{name}")
+            })?;
+        answer["status"]["token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("the TokenRequest answer has no token: {answer}"))
+    }
+
+    fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// Every request the server refused with 403 so far whose user name starts with
+    /// `user_prefix` (e.g. `system:serviceaccount:margay-system:`), one line each: user, verb,
+    /// URI.
+    pub fn forbidden(&self, user_prefix: &str) -> Result<Vec<String>> {
+        let text = match std::fs::read_to_string(self.audit_log()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).context("reading the API server's audit log"),
+        };
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let event: Value = serde_json::from_str(line)
+                .with_context(|| format!("an audit log line that is not JSON: {line}"))?;
+            let user = event["user"]["username"].as_str().unwrap_or("");
+            if event["responseStatus"]["code"] == 403 && user.starts_with(user_prefix) {
+                out.push(format!(
+                    "{user} {} {}",
+                    event["verb"].as_str().unwrap_or("?"),
+                    event["requestURI"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The server's version string, e.g. `Kubernetes v1.28.3`.

@@ -11,58 +11,10 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn helm() -> PathBuf {
-    let p = root().join(".tools/bin/helm");
-    assert!(
-        p.is_file(),
-        "helm is not installed at {}: run scripts/get-helm.sh (scripts/setup.sh does)",
-        p.display()
-    );
-    p
-}
+use margay_testkit::chart::{helm, render, value_sets};
 
 fn chart() -> PathBuf {
-    root().join("charts/margay")
-}
-
-/// Renders the chart with `values` files; returns every object, or helm's error text.
-fn render(values: &[PathBuf], include_crds: bool) -> Result<Vec<Value>, String> {
-    let mut cmd = Command::new(helm());
-    cmd.args(["template", "margay"]).arg(chart());
-    cmd.args(["--namespace", "margay-system"]);
-    if include_crds {
-        cmd.arg("--include-crds");
-    }
-    for v in values {
-        cmd.arg("-f").arg(v);
-    }
-    let out = cmd.output().expect("helm runs");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    Ok(serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| {
-            let v = <Value as serde::Deserialize>::deserialize(d).expect("rendered YAML parses");
-            (!v.is_null()).then_some(v)
-        })
-        .collect())
-}
-
-fn value_sets() -> Vec<(String, Vec<PathBuf>)> {
-    let mut sets = vec![("default".to_string(), vec![])];
-    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
-        .expect("charts/margay/ci")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    for f in files {
-        sets.push((
-            f.file_name().unwrap().to_string_lossy().into_owned(),
-            vec![f],
-        ));
-    }
-    sets
+    margay_testkit::chart::chart_dir()
 }
 
 fn s<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
