@@ -18,6 +18,6 @@ pub mod validation;
 
 pub use resources::*;
 pub use store::{
-    Backend, Commit, Committed, DatastoreConfig, Kind, ReadSet, Reads, Revision, Store, StoreError,
-    WatchEvent,
+    Backend, Commit, Committed, DatastoreConfig, Kind, Lenient, ReadSet, Reads, Revision, Store,
+    StoreError, WatchEvent,
 };

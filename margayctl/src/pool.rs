@@ -108,7 +108,11 @@ fn pool_table(pools: &[IPPool], blocks: &[IPAMBlock]) -> String {
 }
 
 async fn list(store: &Store, format: Format) -> anyhow::Result<ExitCode> {
-    let (pools, _) = store.list::<IPPool>().await?;
+    let listed = store.list_lenient::<IPPool>().await?;
+    for (_, e) in &listed.undecodable {
+        eprintln!("margayctl: {e}; fix or delete that pool (it is not listed below)");
+    }
+    let pools = listed.items;
     let (blocks, _) = store.list::<IPAMBlock>().await?;
     print!(
         "{}",

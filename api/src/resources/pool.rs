@@ -11,6 +11,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
+/// What the API server accepts as a pool's `cidr`: an IPv4 or IPv6 address, `/`, and a prefix
+/// length that fits the family. Host bits and reserved ranges are left to `IPPool::check`.
+pub const CIDR_PATTERN: &str = concat!(
+    r"^(((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])",
+    r"|[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}(:((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))?/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))$"
+);
+
 /// Default block size of IPv4 pools: 64 addresses per block.
 pub const DEFAULT_BLOCK_SIZE_V4: u8 = 26;
 /// Default block size of IPv6 pools: 64 addresses per block.
@@ -46,15 +53,43 @@ fn default_node_selector() -> String {
     derive = "PartialEq",
     doc = "A range of pod addresses, allocated to nodes in blocks.",
     printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr"),
-    printcolumn(name = "Block", type_ = "integer", json_path = ".spec.blockSize"),
+    printcolumn(
+        name = "Valid",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Valid\")].status"
+    ),
+    printcolumn(name = "Block", type_ = "integer", json_path = ".status.blockSize"),
     printcolumn(name = "IPIP", type_ = "string", json_path = ".spec.ipipMode"),
     printcolumn(name = "VXLAN", type_ = "string", json_path = ".spec.vxlanMode"),
     printcolumn(name = "NAT", type_ = "boolean", json_path = ".spec.natOutgoing"),
     printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled")
 )]
 #[serde(rename_all = "camelCase")]
+// What a schema can check of a pool, the API server checks: servers with CEL (v1.25 on) also
+// run these rules. Older servers skip them, so the controller and the allocator check the same
+// again (`IPPool::check`), together with what no schema can say (host bits, the selector's
+// grammar, overlaps with other pools).
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.ipipMode) && has(self.vxlanMode) && self.ipipMode != 'Never' && self.vxlanMode != 'Never')",
+        "message": "ipipMode and vxlanMode cannot both be enabled: choose one encapsulation"
+    },
+    {
+        "rule": "!(self.cidr.contains(':') && has(self.ipipMode) && self.ipipMode != 'Never')",
+        "message": "ipipMode carries only IPv4: use vxlanMode for an IPv6 pool"
+    },
+    {
+        "rule": "!has(self.blockSize) || (self.cidr.contains(':') ? self.blockSize >= 116 : self.blockSize <= 32)",
+        "message": "blockSize must be 20 to 32 for an IPv4 pool and 116 to 128 for an IPv6 pool"
+    },
+    {
+        "rule": "!self.cidr.contains('/') || int(self.cidr.split('/')[1]) <= (has(self.blockSize) ? self.blockSize : (self.cidr.contains(':') ? 122 : 26))",
+        "message": "the pool is smaller than one block: blockSize (default 26 for IPv4, 122 for IPv6) must be at least the cidr's prefix length"
+    }
+]))]
 pub struct IPPoolSpec {
     /// The pool's range, e.g. 10.244.0.0/16. Immutable once addresses are allocated.
+    #[schemars(length(max = 64), pattern(CIDR_PATTERN))]
     pub cidr: String,
     /// Prefix length of the per-node blocks: 20–32 for IPv4 (default 26), 116–128 for IPv6
     /// (default 122). Immutable.
@@ -78,9 +113,11 @@ pub struct IPPoolSpec {
     pub disable_bgp_export: bool,
     /// Which nodes may take blocks from this pool (selector expression, default `all()`).
     #[serde(default = "default_node_selector")]
+    #[schemars(length(max = 1024))]
     pub node_selector: String,
     /// What the addresses may be used for (default Workload and Tunnel).
     #[serde(default = "default_allowed_uses")]
+    #[schemars(length(min = 1, max = 3))]
     pub allowed_uses: Vec<AllowedUse>,
     /// Never hand out the first and last address of each block (for networks where those are
     /// the subnet's network and broadcast addresses). Off by default, as in Calico.
@@ -110,6 +147,9 @@ impl Default for IPPoolSpec {
 pub struct IPPoolStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The block size in force: the one set, or the family's default.
+    #[serde(rename = "blockSize", default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u8>,
 }
 
 impl IPPoolSpec {

@@ -30,7 +30,7 @@ mod typed;
 
 pub use config::DatastoreConfig;
 pub use error::StoreError;
-pub use typed::{Commit, Committed, ReadSet, Reads, Store, WatchEvent};
+pub use typed::{Commit, Committed, Lenient, ReadSet, Reads, Store, WatchEvent};
 
 use futures::stream::BoxStream;
 use serde_json::Value;

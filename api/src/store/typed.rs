@@ -1,5 +1,6 @@
 use super::{
-    Backend, Kind, RawEvent, RawObject, RawRead, RawReadResult, RawWrite, Revision, StoreError,
+    Backend, Kind, RawEvent, RawList, RawObject, RawRead, RawReadResult, RawWrite, Revision,
+    StoreError,
 };
 use crate::resources::MargayResource;
 use futures::stream::{BoxStream, StreamExt};
@@ -67,6 +68,33 @@ fn expected_revision<R: MargayResource>(obj: &R, name: &str) -> Result<Revision,
             "an update needs the revision the object was read at; read it from the store first",
         ),
     })
+}
+
+/// A listing in which each object decodes on its own: one object that does not fit the type
+/// (written around the API server's schema, or by an older Margay) leaves the others readable.
+#[derive(Debug)]
+pub struct Lenient<R> {
+    pub items: Vec<R>,
+    /// The objects that did not decode, each as a [`StoreError::Decode`] naming it, with the
+    /// raw object for callers that report on it.
+    pub undecodable: Vec<(RawObject, StoreError)>,
+    pub revision: Revision,
+}
+
+fn decode_each<R: MargayResource>(list: RawList) -> Lenient<R> {
+    let mut items = Vec::with_capacity(list.items.len());
+    let mut undecodable = Vec::new();
+    for raw in list.items {
+        match decode_value(R::KIND, &raw.name, raw.value.clone()) {
+            Ok(obj) => items.push(obj),
+            Err(e) => undecodable.push((raw, e)),
+        }
+    }
+    Lenient {
+        items,
+        undecodable,
+        revision: list.revision,
+    }
 }
 
 fn decode<R: MargayResource>(raw: RawObject) -> Result<R, StoreError> {
@@ -312,6 +340,18 @@ impl ReadSet {
         }
     }
 
+    /// Like [`list`](Self::list), but an object that does not decode is set aside instead of
+    /// failing the read.
+    pub fn list_lenient<R: MargayResource>(&mut self, i: usize) -> Result<Lenient<R>, StoreError> {
+        match self.take(i, R::KIND)? {
+            (_, RawReadResult::List(l)) => Ok(decode_each(l)),
+            (r, RawReadResult::Object(_)) => Err(StoreError::Rejected {
+                backend: "store",
+                message: format!("read {i} of the batch ({r:?}) is a get, not a listing"),
+            }),
+        }
+    }
+
     /// The result of read `i`, a `list` or `list_prefix` of kind `R`, with its revision.
     pub fn list<R: MargayResource>(&mut self, i: usize) -> Result<(Vec<R>, Revision), StoreError> {
         match self.take(i, R::KIND)? {
@@ -363,6 +403,12 @@ impl Store {
             .map(decode)
             .collect::<Result<Vec<R>, _>>()?;
         Ok((items, list.revision))
+    }
+
+    /// Like [`list`](Self::list), but an object that does not decode is set aside instead of
+    /// failing the listing.
+    pub async fn list_lenient<R: MargayResource>(&self) -> Result<Lenient<R>, StoreError> {
+        Ok(decode_each(self.backend.list(R::KIND).await?))
     }
 
     /// The objects of a kind whose names start with `prefix`, and the revision of the listing.

@@ -255,7 +255,13 @@ impl Allocator {
             .read(reads)
             .await
             .map_err(IpamError::store(what))?;
-        let (pools, _) = set.list::<IPPool>(0).map_err(IpamError::store(what))?;
+        let listed = set
+            .list_lenient::<IPPool>(0)
+            .map_err(IpamError::store(what))?;
+        for (_, e) in &listed.undecodable {
+            warn!(error = %e, "skipping an IP pool that does not decode; fix or delete it");
+        }
+        let pools = listed.items;
         let config = set
             .get::<IPAMConfig>(1)
             .map_err(IpamError::store(what))?
@@ -1939,11 +1945,11 @@ fn blk_affinity(node: &Option<String>) -> Option<String> {
 }
 
 fn policy_pool_disabled(policy: &Policy, pv: &PoolView) -> bool {
-    policy
+    !policy
         .pools
         .iter()
-        .find(|p| p.metadata.name.as_deref() == Some(pv.name.as_str()))
-        .is_none_or(|p| pool::unusable_reason(p).is_some())
+        .any(|p| p.metadata.name.as_deref() == Some(pv.name.as_str()))
+        || pool::unusable(&policy.pools).contains_key(&pv.name)
 }
 
 /// The blocks `node` owns for ownership and route export: a confirmed affinity whose block

@@ -26,10 +26,16 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub async fn read(store: &Store) -> Result<Snapshot> {
-        let (pools, _) = store
-            .list::<IPPool>()
+        // A pool that does not decode is left out: the controller marks it, and nothing here
+        // decides from pools what to release.
+        let listed = store
+            .list_lenient::<IPPool>()
             .await
             .map_err(IpamError::store("list IPPools"))?;
+        for (_, e) in &listed.undecodable {
+            tracing::warn!(error = %e, "leaving out an IP pool that does not decode");
+        }
+        let pools = listed.items;
         let (blocks, _) = store
             .list::<IPAMBlock>()
             .await

@@ -3,7 +3,7 @@
 use crate::error::{Family, IpamError};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use margay_api::selector::Selector;
-use margay_api::{AllowedUse, IPPool};
+use margay_api::{AllowedUse, IPPool, MargayResource};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -114,20 +114,83 @@ pub fn seed(node: &str) -> u64 {
     h
 }
 
-/// Why a pool gives no new addresses, if it does not.
-pub fn unusable_reason(pool: &IPPool) -> Option<String> {
-    if pool.spec.disabled {
-        return Some("the pool is disabled".into());
+/// What Margay's own rules find wrong with each pool, by pool name: its fields
+/// ([`MargayResource::validate`]), or an overlap with an older pool whose fields are fine.
+/// Pools with nothing wrong are absent. The API server may not have checked (servers before
+/// v1.25 run no CEL rules, and the etcd datastore has no server at all), so the controller
+/// reports these and the allocator refuses these pools whether or not the controller has run.
+///
+/// Of two overlapping pools the older one (by creation time, then by name) stays usable, so
+/// that a pool created on top of another never takes the other's addresses away.
+pub fn spec_problems(pools: &[IPPool]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut sound: Vec<(&IPPool, IpNet)> = Vec::new();
+    for p in pools {
+        let name = pool_name(p);
+        match p.validate() {
+            Err(errs) => {
+                out.insert(name.to_owned(), format!("its spec is invalid: {errs}"));
+            }
+            Ok(()) => {
+                if let Some(net) = p.spec.network() {
+                    sound.push((p, net.trunc()));
+                }
+            }
+        }
     }
-    if pool.spec.network().is_none() {
-        return Some(format!("its cidr {:?} does not parse", pool.spec.cidr));
+    let age = |p: &IPPool| {
+        (
+            p.metadata.creation_timestamp.clone(),
+            pool_name(p).to_owned(),
+        )
+    };
+    sound.sort_by_key(|(p, _)| age(p));
+    for (i, (p, net)) in sound.iter().enumerate() {
+        let older: Vec<String> = sound[..i]
+            .iter()
+            .filter(|(_, o)| o.contains(&net.network()) || net.contains(&o.network()))
+            .map(|(o, onet)| format!("{} ({onet})", pool_name(o)))
+            .collect();
+        if !older.is_empty() {
+            out.insert(
+                pool_name(p).to_owned(),
+                format!(
+                    "its cidr {net} overlaps the older pool(s) {}; change its cidr or delete one of them",
+                    older.join(", ")
+                ),
+            );
+        }
     }
-    let invalid = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_VALID))
-        .filter(|c| c.status == "False");
-    invalid.map(|c| format!("the controller marked it invalid: {}", c.message))
+    out
+}
+
+fn pool_name(p: &IPPool) -> &str {
+    p.metadata.name.as_deref().unwrap_or("")
+}
+
+/// Why each pool gives no new addresses, by pool name: disabled, refused by
+/// [`spec_problems`], or marked `Valid=False` by the controller (an immutable field changed).
+/// Pools that may give addresses are absent.
+pub fn unusable(pools: &[IPPool]) -> BTreeMap<String, String> {
+    let mut out = spec_problems(pools);
+    for p in pools {
+        if out.contains_key(pool_name(p)) {
+            continue;
+        }
+        let reason = if p.spec.disabled {
+            Some("the pool is disabled".to_owned())
+        } else {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_VALID))
+                .filter(|c| c.status == "False")
+                .map(|c| format!("the controller marked it invalid: {}", c.message))
+        };
+        if let Some(r) = reason {
+            out.insert(pool_name(p).to_owned(), r);
+        }
+    }
+    out
 }
 
 pub fn view(pool: &IPPool, strict_affinity: bool) -> Option<PoolView> {
@@ -158,6 +221,7 @@ pub fn select(
             .network()
             .is_some_and(|n| n.addr().is_ipv4() == (family == Family::V4))
     };
+    let unusable = unusable(pools);
     if !requested.is_empty() {
         let mut out = Vec::new();
         for r in requested {
@@ -172,13 +236,14 @@ pub fn select(
                     reason: "no such pool (give an IPPool name or its exact CIDR)".into(),
                 });
             };
-            if !fam_ok(p) {
+            // A pool whose cidr does not parse has no family: its reason is the answer.
+            if p.spec.network().is_some() && !fam_ok(p) {
                 continue;
             }
-            if let Some(reason) = unusable_reason(p) {
+            if let Some(reason) = unusable.get(pool_name(p)) {
                 return Err(IpamError::PoolUnusable {
                     pool: r.clone(),
-                    reason,
+                    reason: reason.clone(),
                 });
             }
             if !p.spec.allowed_uses.contains(&use_.allowed_use()) {
@@ -208,12 +273,12 @@ pub fn select(
         .iter()
         .filter(|p| fam_ok(p))
         .filter(|p| {
-            considered.push(format!(
-                "{} ({})",
-                p.spec.cidr,
-                p.metadata.name.as_deref().unwrap_or("")
-            ));
-            unusable_reason(p).is_none()
+            let reason = unusable.get(pool_name(p));
+            considered.push(match reason {
+                None => format!("{} ({})", p.spec.cidr, pool_name(p)),
+                Some(r) => format!("{} ({}): {r}", p.spec.cidr, pool_name(p)),
+            });
+            reason.is_none()
                 && p.spec.allowed_uses.contains(&use_.allowed_use())
                 && Selector::parse(&p.spec.node_selector).is_ok_and(|s| s.matches(labels))
         })
@@ -271,5 +336,167 @@ mod tests {
         assert!(starts.len() >= 45, "only {} distinct starts", starts.len());
         let all: std::collections::HashSet<IpNet> = p.search_order("n", u128::MAX).collect();
         assert_eq!(all.len(), 1024);
+    }
+
+    fn pool(name: &str, spec: IPPoolSpec) -> IPPool {
+        IPPool::new(name, spec)
+    }
+
+    fn cidr(c: &str) -> IPPoolSpec {
+        IPPoolSpec {
+            cidr: c.into(),
+            ..Default::default()
+        }
+    }
+
+    use margay_api::{EncapMode, IPPoolSpec};
+
+    #[test]
+    fn pools_that_fail_validation_or_overlap_an_older_pool_are_refused_with_the_reason() {
+        let pools = vec![
+            pool("good", cidr("10.1.0.0/16")),
+            pool("host-bits", cidr("10.2.0.1/16")),
+            pool(
+                "block-33",
+                IPPoolSpec {
+                    block_size: Some(33),
+                    ..cidr("10.3.0.0/16")
+                },
+            ),
+            pool(
+                "two-encaps",
+                IPPoolSpec {
+                    ipip_mode: EncapMode::Always,
+                    vxlan_mode: EncapMode::Always,
+                    ..cidr("10.4.0.0/16")
+                },
+            ),
+            pool(
+                "bad-selector",
+                IPPoolSpec {
+                    node_selector: "zone ==".into(),
+                    ..cidr("10.5.0.0/16")
+                },
+            ),
+            pool("tiny", cidr("10.6.0.0/28")),
+            // Sorted after "good" by name (no creation times here): the younger of the two.
+            pool("inner", cidr("10.1.8.0/24")),
+        ];
+        let problems = spec_problems(&pools);
+        let names: Vec<&str> = problems.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "bad-selector",
+                "block-33",
+                "host-bits",
+                "inner",
+                "tiny",
+                "two-encaps"
+            ]
+        );
+        assert!(problems["host-bits"].contains("spec.cidr"), "{problems:?}");
+        assert!(
+            problems["block-33"].contains("spec.blockSize"),
+            "{problems:?}"
+        );
+        assert!(
+            problems["two-encaps"].contains("spec.vxlanMode"),
+            "{problems:?}"
+        );
+        assert!(
+            problems["bad-selector"].contains("spec.nodeSelector"),
+            "{problems:?}"
+        );
+        assert!(problems["tiny"].contains("spec.blockSize"), "{problems:?}");
+        assert!(
+            problems["inner"].contains("overlaps the older pool(s) good (10.1.0.0/16)"),
+            "{problems:?}"
+        );
+
+        // Asked for by name, a refused pool answers with its reason, not "no pool".
+        for name in names {
+            let e = select(
+                &pools,
+                Family::V4,
+                AddressUse::Workload,
+                "n1",
+                &BTreeMap::new(),
+                &[name.to_owned()],
+                false,
+            )
+            .unwrap_err();
+            match e {
+                IpamError::PoolUnusable { pool, reason } => {
+                    assert_eq!(pool, name);
+                    assert_eq!(reason, problems[name]);
+                }
+                other => panic!("{name}: {other}"),
+            }
+        }
+        // Unasked, only the good pool serves, and the error of a node with no pool says why
+        // the others were passed over.
+        let got = select(
+            &pools,
+            Family::V4,
+            AddressUse::Workload,
+            "n1",
+            &BTreeMap::new(),
+            &[],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            got.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
+        // ("inner" overlaps nothing once "good" is gone.)
+        let only_bad: Vec<IPPool> = pools[1..pools.len() - 1].to_vec();
+        let e = select(
+            &only_bad,
+            Family::V4,
+            AddressUse::Workload,
+            "n1",
+            &BTreeMap::new(),
+            &[],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("10.2.0.1/16 (host-bits): its spec is invalid"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn of_two_overlapping_pools_the_older_one_keeps_serving() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let mut old = pool("zz-old", cidr("10.1.0.0/16"));
+        let mut young = pool("aa-young", cidr("10.1.0.0/24"));
+        let t = |s: &str| Some(Time(s.parse().unwrap()));
+        old.metadata.creation_timestamp = t("2026-01-01T00:00:00Z");
+        young.metadata.creation_timestamp = t("2026-06-01T00:00:00Z");
+        let problems = spec_problems(&[young, old]);
+        assert_eq!(problems.keys().collect::<Vec<_>>(), ["aa-young"]);
+    }
+
+    #[test]
+    fn a_pool_whose_cidr_does_not_parse_answers_with_its_reason() {
+        let pools = vec![pool("broken", cidr("10.300.0.0/16"))];
+        for fam in [Family::V4, Family::V6] {
+            let e = select(
+                &pools,
+                fam,
+                AddressUse::Workload,
+                "n1",
+                &BTreeMap::new(),
+                &["broken".to_owned()],
+                false,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("\"broken\"") && e.contains("spec.cidr"), "{e}");
+        }
     }
 }

@@ -1,5 +1,8 @@
-//! Pool validation: overlapping pools and changes to immutable fields, reported in each pool's
-//! status conditions.
+//! Pool validation, reported in each pool's status conditions: fields that fail Margay's own
+//! validation, pools that overlap, and changes to immutable fields. Each pool is judged on its
+//! own: one that is invalid, or that does not decode at all, gets `Valid=False` with the reason
+//! and never keeps the others from being checked. The status also carries the block size in
+//! force, which `kubectl get ippools` shows.
 //!
 //! The first time the controller sees a pool it records the accepted `cidr` and `blockSize` in
 //! annotations. A later change of either, while blocks exist in the accepted range, sets the
@@ -8,7 +11,10 @@
 //! With no block in the old range the change is accepted and the annotations follow.
 
 use ipnet::IpNet;
-use margay_api::{Condition, IPAMBlock, IPPool, IPPoolStatus, Store, StoreError};
+use margay_api::store::RawObject;
+use margay_api::{
+    Condition, IPAMBlock, IPPool, IPPoolStatus, Kind, MargayResource, Store, StoreError,
+};
 use margay_ipam::clock::rfc3339;
 use margay_ipam::pool::CONDITION_VALID;
 use std::collections::BTreeMap;
@@ -26,37 +32,66 @@ pub struct PoolFindings {
     pub overlaps: Vec<String>,
     /// Why its immutable fields are refused, if they are.
     pub immutable_change: Option<String>,
+    /// Why Margay refuses the pool itself: a field that fails validation, an overlap with an
+    /// older pool, or an object that does not decode at all.
+    pub invalid: Option<Invalid>,
+}
+
+/// Why a pool is refused, as the `Valid` condition's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl PoolFindings {
+    /// True when the allocator may hand out addresses from the pool (disabled aside).
+    pub fn valid(&self) -> bool {
+        self.immutable_change.is_none() && self.invalid.is_none()
+    }
 }
 
 fn overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+fn condition(
+    old: &[Condition],
+    now: u64,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| rfc3339(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: Some(last),
+    }
+}
+
 /// The conditions a pool should carry, from its findings.
 fn conditions(f: &PoolFindings, old: &[Condition], now: u64) -> Vec<Condition> {
     let mk = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        let last = old
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .and_then(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| rfc3339(now));
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            last_transition_time: Some(last),
-        }
+        condition(old, now, type_, ok, reason, message)
     };
-    let valid = match &f.immutable_change {
-        None => mk(
+    let valid = match (&f.invalid, &f.immutable_change) {
+        (Some(i), _) => mk(CONDITION_VALID, false, i.reason, i.message.clone()),
+        (None, Some(why)) => mk(CONDITION_VALID, false, "ImmutableFieldChanged", why.clone()),
+        (None, None) => mk(
             CONDITION_VALID,
             true,
             "Accepted",
             "the pool's cidr and blockSize are in force".into(),
         ),
-        Some(why) => mk(CONDITION_VALID, false, "ImmutableFieldChanged", why.clone()),
     };
     let overlapping = if f.overlaps.is_empty() {
         mk(
@@ -79,36 +114,64 @@ fn conditions(f: &PoolFindings, old: &[Condition], now: u64) -> Vec<Condition> {
     vec![valid, overlapping]
 }
 
-/// Checks every pool and writes its status conditions (and its accepted-field annotations)
-/// where they changed. Returns the findings.
+/// Checks every pool, each on its own, and writes its status conditions (and its
+/// accepted-field annotations) where they changed. One pool that is invalid, or that does not
+/// even decode, gets `Valid=False` with the reason and never stops the others. Returns the
+/// findings.
 pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, StoreError> {
-    let (pools, _) = store.list::<IPPool>().await?;
+    let listed = store.list_lenient::<IPPool>().await?;
     let (blocks, _) = store.list::<IPAMBlock>().await?;
     let block_nets: Vec<IpNet> = blocks.iter().filter_map(|b| b.spec.network()).collect();
-    let nets: Vec<(String, Option<IpNet>)> = pools
+    let problems = margay_ipam::pool::spec_problems(&listed.items);
+    let nets: Vec<(String, Option<IpNet>)> = listed
+        .items
         .iter()
         .map(|p| {
             (
                 p.metadata.name.clone().unwrap_or_default(),
-                p.spec.network(),
+                p.spec.network().map(|n| n.trunc()),
             )
         })
         .collect();
     let mut out = Vec::new();
-    for p in pools {
+    for (raw, err) in listed.undecodable {
+        let findings = PoolFindings {
+            name: raw.name.clone(),
+            overlaps: Vec::new(),
+            immutable_change: None,
+            invalid: Some(Invalid {
+                reason: "Undecodable",
+                message: format!("{err}; the allocator ignores this pool until it is fixed"),
+            }),
+        };
+        warn!(pool = %raw.name, error = %err, "pool does not decode");
+        write_raw_status(store, raw, &findings, now).await?;
+        out.push(findings);
+    }
+    for p in listed.items {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let net = p.spec.network();
+        let net = p.spec.network().map(|n| n.trunc());
         let overlaps: Vec<String> = nets
             .iter()
             .filter(|(n, o)| *n != name && o.zip(net).is_some_and(|(a, b)| overlap(&a, &b)))
             .map(|(n, o)| format!("{n} ({})", o.map(|x| x.to_string()).unwrap_or_default()))
             .collect();
+        let invalid = problems.get(&name).map(|why| Invalid {
+            reason: if p.validate().is_err() {
+                "InvalidSpec"
+            } else {
+                "OverlapsOlderPool"
+            },
+            message: format!("{why}; the allocator gives no new addresses from it, and addresses already given keep working"),
+        });
         let ann = p.metadata.annotations.clone().unwrap_or_default();
         let bs = p.spec.effective_block_size().to_string();
         let accepted_cidr = ann.get(ANNOTATION_CIDR).cloned();
         let accepted_bs = ann.get(ANNOTATION_BLOCK_SIZE).cloned();
         let mut immutable_change = None;
-        let mut accept = accepted_cidr.is_none() || accepted_bs.is_none();
+        // A pool whose fields are refused is never accepted: its annotations keep the last
+        // cidr and blockSize that were in force.
+        let mut accept = p.validate().is_ok() && (accepted_cidr.is_none() || accepted_bs.is_none());
         if let (Some(ac), Some(ab)) = (&accepted_cidr, &accepted_bs) {
             if *ac != p.spec.cidr || *ab != bs {
                 let old_net: Option<IpNet> = ac.parse().ok();
@@ -128,7 +191,7 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
                         what.join(" and ")
                     ));
                 } else {
-                    accept = true;
+                    accept = p.validate().is_ok();
                 }
             }
         }
@@ -136,6 +199,7 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
             name: name.clone(),
             overlaps,
             immutable_change,
+            invalid,
         };
         let mut current = p;
         if accept {
@@ -154,24 +218,20 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
             }
             info!(pool = %name, cidr = %current.spec.cidr, block_size = %bs, "accepted pool cidr and blockSize");
         }
-        let old = current
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let want = conditions(&findings, &old, now);
-        let same = |a: &[Condition], b: &[Condition]| {
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(x, y)| {
-                    x.type_ == y.type_ && x.status == y.status && x.message == y.message
-                })
+        let old = current.status.clone().unwrap_or_default();
+        let want = IPPoolStatus {
+            conditions: conditions(&findings, &old.conditions, now),
+            block_size: findings
+                .invalid
+                .is_none()
+                .then(|| current.spec.effective_block_size()),
         };
-        if !same(&old, &want) {
-            if findings.immutable_change.is_some() || !findings.overlaps.is_empty() {
-                warn!(pool = %name, overlaps = ?findings.overlaps, immutable = ?findings.immutable_change, "pool is not valid");
+        if !same_status(&old, &want) {
+            if !findings.valid() || !findings.overlaps.is_empty() {
+                warn!(pool = %name, overlaps = ?findings.overlaps, immutable = ?findings.immutable_change, invalid = ?findings.invalid, "pool is not valid");
             }
             let mut s = current.clone();
-            s.status = Some(IPPoolStatus { conditions: want });
+            s.status = Some(want);
             match store.update_status(&s).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() || e.is_not_found() => {}
@@ -181,6 +241,52 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
         out.push(findings);
     }
     Ok(out)
+}
+
+/// Equal but for transition times, which only change with a status.
+fn same_status(a: &IPPoolStatus, b: &IPPoolStatus) -> bool {
+    a.block_size == b.block_size
+        && a.conditions.len() == b.conditions.len()
+        && a.conditions.iter().zip(&b.conditions).all(|(x, y)| {
+            x.type_ == y.type_
+                && x.status == y.status
+                && x.reason == y.reason
+                && x.message == y.message
+        })
+}
+
+/// Writes the conditions of a pool that does not decode into its stored object as it is.
+async fn write_raw_status(
+    store: &Store,
+    raw: RawObject,
+    f: &PoolFindings,
+    now: u64,
+) -> Result<(), StoreError> {
+    let old: Vec<Condition> = raw
+        .value
+        .pointer("/status/conditions")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let want = conditions(f, &old, now);
+    let unchanged = old.len() == want.len()
+        && old
+            .iter()
+            .zip(&want)
+            .all(|(x, y)| x.type_ == y.type_ && x.status == y.status && x.message == y.message);
+    if unchanged {
+        return Ok(());
+    }
+    let mut value = raw.value;
+    value["status"] = serde_json::json!({ "conditions": want });
+    match store
+        .backend()
+        .update_status(Kind::IPPool, &raw.name, value, raw.revision)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_conflict() || e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Findings by pool name, for callers that look one up.

@@ -473,3 +473,121 @@ async fn overlapping_pools_are_reported_and_immutable_changes_refused() {
         .iter()
         .all(|a| a.spec.node == "n1"));
 }
+
+/// Pools written around validation: by kubectl on an API server that runs no CEL rules, by hand
+/// into etcd, or by an older Margay.
+async fn raw_pool(store: &Store, name: &str, spec: serde_json::Value) {
+    let value = serde_json::json!({
+        "apiVersion": "margay.io/v1",
+        "kind": "IPPool",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    store
+        .backend()
+        .create(margay_api::Kind::IPPool, name, value)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn each_pool_is_validated_on_its_own_and_an_invalid_one_gives_no_address() {
+    let mut e = env(100).await;
+    let bad = [
+        (
+            "host-bits",
+            serde_json::json!({"cidr": "10.9.0.1/16"}),
+            "spec.cidr",
+        ),
+        (
+            "block-33",
+            serde_json::json!({"cidr": "10.10.0.0/16", "blockSize": 33}),
+            "spec.blockSize",
+        ),
+        (
+            "two-encaps",
+            serde_json::json!({"cidr": "10.11.0.0/16", "ipipMode": "Always", "vxlanMode": "Always"}),
+            "spec.vxlanMode",
+        ),
+        (
+            "bad-selector",
+            serde_json::json!({"cidr": "10.12.0.0/16", "nodeSelector": "zone =="}),
+            "spec.nodeSelector",
+        ),
+        (
+            "inner",
+            serde_json::json!({"cidr": "10.244.8.0/24"}),
+            "overlaps the older pool(s) default-ipv4",
+        ),
+    ];
+    for (name, spec, _) in &bad {
+        raw_pool(&e.store, name, spec.clone()).await;
+    }
+    raw_pool(
+        &e.store,
+        "undecodable",
+        serde_json::json!({"cidr": "10.13.0.0/16", "blockSize": "big"}),
+    )
+    .await;
+    add_node(&e.store, "n1").await;
+
+    let r = e.controller.pass(&e.live).await.unwrap();
+    let f = pools::by_name(r.pools);
+    assert!(f["default-ipv4"].valid(), "{:?}", f["default-ipv4"]);
+    let good = e.store.get::<IPPool>("default-ipv4").await.unwrap();
+    let status = good.status.unwrap();
+    assert_eq!(status.block_size, Some(26));
+    assert_eq!(status.conditions[0].status, "True");
+
+    for (name, _, why) in &bad {
+        assert!(!f[*name].valid(), "{name}: {:?}", f[*name]);
+        let p = e.store.get::<IPPool>(name).await.unwrap();
+        let status = p.status.unwrap_or_default();
+        let valid = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Valid")
+            .unwrap_or_else(|| panic!("{name} has no Valid condition"));
+        assert_eq!(valid.status, "False", "{name}");
+        assert!(valid.message.contains(why), "{name}: {}", valid.message);
+        assert_eq!(status.block_size, None, "{name}");
+        // The accepted-field annotations are only ever written for a valid spec.
+        let accepted = p
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(pools::ANNOTATION_CIDR);
+        assert_eq!(accepted, *name == "inner", "{name}");
+    }
+    let raw = e
+        .store
+        .backend()
+        .get(margay_api::Kind::IPPool, "undecodable")
+        .await
+        .unwrap();
+    let c = &raw.value["status"]["conditions"][0];
+    assert_eq!(c["type"], "Valid");
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "Undecodable");
+
+    // The allocator gives from the good pool only, and a pod that asks for a refused pool by
+    // name is told why.
+    let a = allocator(&e, "n1");
+    let (ip, _) = add_pod(&e, &a, "n1", "web").await;
+    assert!(good.spec.network().unwrap().contains(&ip), "{ip}");
+    for (name, _, why) in &bad {
+        let err = a
+            .assign(&AssignRequest {
+                handle_id: pod_handle(&format!("{name}-cid")),
+                num_v4: 1,
+                pools: vec![(*name).to_owned()],
+                ..AssignRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, IpamError::PoolUnusable { pool, reason } if pool == name && reason.contains(why)),
+            "{name}: {err}"
+        );
+    }
+}
