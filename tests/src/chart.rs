@@ -129,3 +129,37 @@ pub fn apply(kubeconfig: &Path, values: &[PathBuf]) -> Result<()> {
     run_kubectl(kubeconfig, &["apply", "-f", "-"], &text)?;
     Ok(())
 }
+
+/// Creates Pod `namespace/name` with `annotations`, as the scheduler would have it before the
+/// kubelet runs the CNI plugin. These clusters run no controller manager, so the namespace's
+/// `default` ServiceAccount, which admission insists on, is made here, and no token is mounted.
+pub fn create_pod(
+    kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    annotations: &[(&str, &str)],
+) -> Result<()> {
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        },
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "main", "image": "registry.invalid/pause"}],
+        },
+    });
+    let account = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "default", "namespace": namespace},
+    });
+    run_kubectl(kubeconfig, &["apply", "-f", "-"], &account.to_string())?;
+    run_kubectl(kubeconfig, &["apply", "-f", "-"], &pod.to_string())?;
+    Ok(())
+}
