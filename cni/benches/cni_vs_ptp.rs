@@ -1,15 +1,19 @@
-//! Margay's plugin side by side with Debian's `ptp` + `host-local`, on the same machine, in the
-//! same run: ADD and DEL latency (p50/p99) over 100 sequential pods, 5 rounds of 20 concurrent
-//! pods, and the wall time of a burst of 100 pods on one node.
+//! Margay's plugin with each datastore side by side with Debian's `ptp` + `host-local`, on the
+//! same machine, in the same run: ADD and DEL latency (p50/p99) over 100 sequential pods, 5
+//! rounds of 20 concurrent pods, and the wall time of a burst of 100 pods on one node.
 //!
-//! Both plugins run as a runtime on a node runs them: exec'd inside the node's network
-//! namespace (`ip netns exec <node> <plugin>`) with the CNI environment and the configuration
-//! on stdin. Margay talks to a real etcd running in that namespace (every ADD writes the
-//! allocation, its handle and a WorkloadEndpoint); host-local writes files.
+//! Every plugin runs as a runtime on a node runs it: exec'd inside the node's network namespace
+//! (`ip netns exec <node> <plugin>`) with the CNI environment and the configuration on stdin.
+//! Margay in etcd mode talks to a real etcd in that namespace (every ADD writes the
+//! allocation, its handle and a WorkloadEndpoint). Margay in Kubernetes mode talks to a real
+//! kube-apiserver (with its own etcd) in that namespace, with RBAC on, as the chart's
+//! `margay-cni` ServiceAccount; every ADD reads the Pod and its Namespace (annotations) and
+//! writes the allocation and its handle as custom resources. host-local writes files.
 //!
-//! `cargo bench -p margay-cni --bench cni_vs_ptp` (root; needs etcd and
-//! containernetworking-plugins). `MARGAY_BENCH_SEQ`, `MARGAY_BENCH_CONC`,
-//! `MARGAY_BENCH_BURST` change the sizes.
+//! `cargo bench -p margay-cni --bench cni_vs_ptp` (root; needs etcd, containernetworking-plugins,
+//! and a kube-apiserver in `KUBE_APISERVER_BIN` or on `PATH`; without one the Kubernetes row
+//! is left out, saying so). `MARGAY_BENCH_SEQ`, `MARGAY_BENCH_CONC`, `MARGAY_BENCH_BURST`
+//! change the sizes.
 
 use margay_api::{IPPool, IPPoolSpec, Store};
 use margay_kernel::netns::OwnedNetns;
@@ -113,8 +117,109 @@ fn create_pool(node: &Path) {
 
 struct Plugin {
     label: &'static str,
+    /// Names this plugin's pods (container IDs `<tag><round>x<i>`).
+    tag: &'static str,
     bin: PathBuf,
     conf: Value,
+}
+
+/// The container IDs (and Kubernetes Pod names) `run_all` and the warm-up give a plugin's pods.
+fn pod_names(tag: &str, seq: usize, conc: usize, burst: usize) -> Vec<String> {
+    let mut names: Vec<String> = (0..3).map(|i| format!("w0x{i}")).collect();
+    names.extend((0..seq).map(|i| format!("{tag}0x{i}")));
+    for round in 1..=5 {
+        names.extend((0..conc).map(|i| format!("{tag}{round}x{i}")));
+    }
+    names.extend((0..burst).map(|i| format!("{tag}9x{i}")));
+    names
+}
+
+/// A kube-apiserver (RBAC on, with its own etcd) started from inside the node's namespace, so
+/// that the plugin reaches it on the node's loopback, with the chart's objects installed and a
+/// Pod object for every pod the benchmark will run. Stopped when `stop` is dropped.
+struct KubeSide {
+    kubeconfig: PathBuf,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for KubeSide {
+    fn drop(&mut self) {
+        // The thread stops the API server when the channel closes or says so.
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                eprintln!("the API server thread panicked while stopping");
+            }
+        }
+    }
+}
+
+fn start_kube(node: &Path, dir: &Path, pods: Vec<String>) -> Option<KubeSide> {
+    use margay_testkit::apiserver::{apiserver_binary, Options};
+    use margay_testkit::chart;
+    let Some(bin) = apiserver_binary() else {
+        eprintln!(
+            "no kube-apiserver (KUBE_APISERVER_BIN or PATH): the Kubernetes-mode row is left out"
+        );
+        return None;
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let node = node.to_owned();
+    let dir = dir.to_owned();
+    let thread = std::thread::spawn(move || {
+        margay_kernel::netns::run_in(&node, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let api = rt
+                .block_on(margay_testkit::ApiServerProcess::start_with(
+                    &bin,
+                    // As a cluster runs by default: RBAC, no audit log.
+                    Options { audit: false, ..Options::RBAC },
+                ))
+                .expect("starting kube-apiserver");
+            let admin = dir.join("admin.kubeconfig");
+            api.write_kubeconfig(&admin, None).unwrap();
+            chart::apply(&admin, &[]).expect("the chart's objects");
+            let bench_pool = "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {name: bench}\nspec: {cidr: 10.245.0.0/16, blockSize: 26}\n";
+            chart::run_kubectl(&admin, &["apply", "-f", "-"], bench_pool).expect("pool");
+            // The chart's default pool is left out: every address comes from `bench`.
+            chart::run_kubectl(&admin, &["delete", "ippool", "default-ipv4"], "").expect("delete");
+            chart::run_kubectl(&admin, &["create", "namespace", "bench"], "").expect("namespace");
+            chart::run_kubectl(&admin, &["create", "serviceaccount", "default", "-n", "bench"], "")
+                .expect("default ServiceAccount");
+            let items: Vec<Value> = pods
+                .iter()
+                .map(|name| {
+                    json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": name, "namespace": "bench"},
+                        "spec": {"nodeName": "bench-node", "automountServiceAccountToken": false,
+                                 "containers": [{"name": "main", "image": "registry.invalid/pause"}]}})
+                })
+                .collect();
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+            chart::run_kubectl(&admin, &["apply", "-f", "-"], &list.to_string()).expect("pods");
+            let token = rt
+                .block_on(api.service_account_token(chart::NAMESPACE, "margay-cni"))
+                .expect("token");
+            let kubeconfig = dir.join("cni.kubeconfig");
+            api.write_kubeconfig(&kubeconfig, Some(&token)).unwrap();
+            ready_tx.send(kubeconfig).unwrap();
+            // Until the benchmark is done (a message, or the sender dropped).
+            let _ = stop_rx.recv();
+            drop(api);
+        })
+        .expect("entering the node namespace");
+    });
+    let kubeconfig = ready_rx.recv().expect("the API server started");
+    Some(KubeSide {
+        kubeconfig,
+        stop: stop_tx,
+        thread: Some(thread),
+    })
 }
 
 fn spawn(node: &str, p: &Plugin, cmd: &str, cid: &str, pod: &OwnedNetns) -> Child {
@@ -205,18 +310,18 @@ fn concurrent(
     (lat, t0.elapsed())
 }
 
-/// Runs both plugins through every phase, alternating between them pod by pod (and round by
-/// round), so that the shared machine's background load falls on both alike.
-fn run_both(
+/// Runs every plugin through every phase, alternating between them pod by pod (and round by
+/// round), so that the shared machine's background load falls on all alike.
+fn run_all(
     node: &OwnedNetns,
-    ps: [&Plugin; 2],
+    ps: &[&Plugin],
     seq: usize,
     conc: usize,
     burst: usize,
-) -> [Figures; 2] {
+) -> Vec<Figures> {
     let n = node.name();
-    let mut f = [Figures::default(), Figures::default()];
-    let tags = ["m", "p"];
+    let mut f: Vec<Figures> = ps.iter().map(|_| Figures::default()).collect();
+    let tags: Vec<&str> = ps.iter().map(|p| p.tag).collect();
     let sets: Vec<_> = tags.iter().map(|t| pods(seq, t, 0)).collect();
     // Pod i of Margay, then pod i of ptp, and so on.
     for (cmd, i) in ["ADD", "DEL"]
@@ -235,13 +340,13 @@ fn run_both(
     }
     drop(sets);
     for round in 1..=5 {
-        for k in 0..2 {
+        for k in 0..ps.len() {
             let set = pods(conc, tags[k], round);
             f[k].conc_add.extend(concurrent(n, ps[k], "ADD", &set).0);
             f[k].conc_del.extend(concurrent(n, ps[k], "DEL", &set).0);
         }
     }
-    for k in 0..2 {
+    for k in 0..ps.len() {
         let set = pods(burst, tags[k], 9);
         let (_, wall) = concurrent(n, ps[k], "ADD", &set);
         f[k].burst = wall;
@@ -328,8 +433,10 @@ fn main() {
     create_pool(node.path());
     let state = tempfile::tempdir().unwrap();
 
+    let kube = start_kube(node.path(), state.path(), pod_names("k", seq, conc, burst));
     let margay = Plugin {
         label: "margay (etcd)",
+        tag: "m",
         bin: PathBuf::from(MARGAY),
         conf: json!({
             "cniVersion": "1.0.0", "name": "bench", "type": "margay",
@@ -339,8 +446,21 @@ fn main() {
             "state_dir": state.path().join("margay"),
         }),
     };
+    let margay_kube = kube.as_ref().map(|k| Plugin {
+        label: "margay (kubernetes)",
+        tag: "k",
+        bin: PathBuf::from(MARGAY),
+        conf: json!({
+            "cniVersion": "1.0.0", "name": "bench", "type": "margay",
+            "nodename": "bench-node", "datastore_type": "kubernetes",
+            "kubernetes": {"kubeconfig": k.kubeconfig},
+            "mtu": 1400, "ipam": {"type": "margay-ipam"},
+            "state_dir": state.path().join("margay-kube"),
+        }),
+    });
     let ptp = Plugin {
         label: "ptp + host-local",
+        tag: "p",
         bin: ptp,
         conf: json!({
             "cniVersion": "1.0.0", "name": "bench-ptp", "type": "ptp",
@@ -350,8 +470,11 @@ fn main() {
                      "dataDir": state.path().join("host-local")},
         }),
     };
-    // Warm both up (page cache, etcd's first requests).
-    for p in [&margay, &ptp] {
+    let mut plugins = vec![&margay];
+    plugins.extend(margay_kube.as_ref());
+    plugins.push(&ptp);
+    // Warm every plugin up (page cache, the datastores' first requests).
+    for p in &plugins {
         let w = pods(3, "w", 0);
         for (cid, ns) in &w {
             timed(&nn, p, "ADD", cid, ns);
@@ -364,8 +487,10 @@ fn main() {
     );
     println!("| plugin | seq ADD p50 | seq ADD p99 | seq DEL p50 | seq DEL p99 | {conc}-conc ADD p50 | {conc}-conc ADD p99 | {conc}-conc DEL p50 | {conc}-conc DEL p99 | burst of {burst} |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let figures = run_both(&node, [&margay, &ptp], seq, conc, burst);
-    for (label, mut f) in [margay.label, ptp.label].into_iter().zip(figures) {
+    let figures = run_all(&node, &plugins, seq, conc, burst);
+    let mut add_p50 = Vec::new();
+    for (label, mut f) in plugins.iter().map(|p| p.label).zip(figures) {
+        add_p50.push((label, pct(&mut f.seq_add, 0.5)));
         println!(
             "| {label} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms |",
             pct(&mut f.seq_add, 0.5),
@@ -379,6 +504,19 @@ fn main() {
             f.burst.as_secs_f64() * 1000.0,
         );
     }
+    let of = |l: &str| add_p50.iter().find(|(x, _)| *x == l).map(|(_, v)| *v);
+    if let (Some(k), Some(e), Some(p)) = (
+        of("margay (kubernetes)"),
+        of("margay (etcd)"),
+        of("ptp + host-local"),
+    ) {
+        println!(
+            "\nsequential ADD p50: kubernetes / etcd = {:.2} (goal <= 2), kubernetes / ptp = {:.2}",
+            k / e,
+            k / p
+        );
+    }
+    drop(kube);
     drop(etcd);
     drop(up);
     drop(node);

@@ -94,7 +94,7 @@ pub async fn connect(conf: &NetConf) -> Result<Datastore, CniError> {
                     config.connect_timeout = Some(CONNECT_TIMEOUT);
                     config.read_timeout = Some(REQUEST_TIMEOUT);
                     config.write_timeout = Some(REQUEST_TIMEOUT);
-                    let client = kube::Client::try_from(config).map_err(|e| refuse(&e))?;
+                    let client = margay_api::store::kube::client(config).map_err(|e| refuse(&e))?;
                     KubeBackend::new(client)
                 }
                 None => KubeBackend::try_default().await.map_err(store_error)?,
@@ -239,30 +239,22 @@ pub async fn pod_ipam(
         };
         CniError::new(c, what, e.to_string())
     };
+    // The pod and its namespace are read at once: two requests, one round trip of waiting.
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
-    let p = tokio::time::timeout(REQUEST_TIMEOUT, pods.get(pod))
-        .await
-        .map_err(|_| {
-            CniError::new(
-                code::TRY_AGAIN_LATER,
-                format!("reading pod {namespace}/{pod} timed out"),
-                "",
-            )
-        })?
-        .map_err(|e| unreachable(format!("cannot read pod {namespace}/{pod}"), e))?;
-    let pod_ann = p.metadata.annotations.unwrap_or_default();
     let nss: kube::Api<Namespace> = kube::Api::all(client.clone());
-    let ns_ann = match tokio::time::timeout(REQUEST_TIMEOUT, nss.get(namespace)).await {
-        Ok(Ok(n)) => n.metadata.annotations.unwrap_or_default(),
-        Ok(Err(e)) => return Err(unreachable(format!("cannot read namespace {namespace}"), e)),
-        Err(_) => {
-            return Err(CniError::new(
-                code::TRY_AGAIN_LATER,
-                format!("reading namespace {namespace} timed out"),
-                "",
-            ))
-        }
-    };
+    let timed_out = |what: String| CniError::new(code::TRY_AGAIN_LATER, what, "");
+    let (p, n) = futures::join!(
+        tokio::time::timeout(REQUEST_TIMEOUT, pods.get(pod)),
+        tokio::time::timeout(REQUEST_TIMEOUT, nss.get(namespace)),
+    );
+    let p = p
+        .map_err(|_| timed_out(format!("reading pod {namespace}/{pod} timed out")))?
+        .map_err(|e| unreachable(format!("cannot read pod {namespace}/{pod}"), e))?;
+    let n = n
+        .map_err(|_| timed_out(format!("reading namespace {namespace} timed out")))?
+        .map_err(|e| unreachable(format!("cannot read namespace {namespace}"), e))?;
+    let pod_ann = p.metadata.annotations.unwrap_or_default();
+    let ns_ann = n.metadata.annotations.unwrap_or_default();
     parse_annotations(&pod_ann, &ns_ann)
 }
 

@@ -548,17 +548,26 @@ impl Ctx {
     /// Allocates the pod's addresses in process, under the node's allocator lock.
     async fn assign(&self, ds: &Datastore) -> Result<Vec<RecordedIp>, CniError> {
         let ipam = self.conf.ipam.clone().unwrap_or_default();
-        let pod = match (
-            ds.mode,
-            &ds.kube,
-            &self.env.args.pod_namespace,
-            &self.env.args.pod_name,
-        ) {
-            (Mode::Kubernetes, Some(client), Some(ns), Some(name)) => {
-                datastore::pod_ipam(client, ns, name).await?
+        let pod = async {
+            match (
+                ds.mode,
+                &ds.kube,
+                &self.env.args.pod_namespace,
+                &self.env.args.pod_name,
+            ) {
+                (Mode::Kubernetes, Some(client), Some(ns), Some(name)) => {
+                    datastore::pod_ipam(client, ns, name).await
+                }
+                _ => Ok(PodIpam::default()),
             }
-            _ => PodIpam::default(),
         };
+        // The datastore connection is established by its first request: make that happen
+        // before the node lock, so that the lock is held only for the allocator's own round
+        // trips, and while the pod's annotations are read.
+        let connected = ds.store.try_get::<IPAMConfig>(IPAM_CONFIG_NAME);
+        let (pod, connected) = futures::join!(pod, connected);
+        let pod = pod?;
+        connected.map_err(datastore::store_error)?;
         let addresses = self.requested_addresses(&pod)?;
         let v4_pools = pod.ipv4_pools.clone().unwrap_or(ipam.ipv4_pools.clone());
         let v6_pools = pod.ipv6_pools.clone().unwrap_or(ipam.ipv6_pools.clone());
@@ -614,12 +623,6 @@ impl Ctx {
                 ..base
             }]
         };
-        // The etcd connection is established by its first request: make that happen before
-        // the node lock, so that the lock is held only for the allocator's own round trips.
-        ds.store
-            .try_get::<IPAMConfig>(IPAM_CONFIG_NAME)
-            .await
-            .map_err(datastore::store_error)?;
         let _lock = lock_ipam(&self.state).await?;
         let alloc = allocator(&ds.store, &self.node);
         let mut out: Vec<RecordedIp> = Vec::new();

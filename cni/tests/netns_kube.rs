@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use margay_cni::spec::code;
-use margay_testkit::apiserver::{require_apiserver, Authorization};
+use margay_testkit::apiserver::{require_apiserver, Options};
 use margay_testkit::chart::{self, run_kubectl, NAMESPACE};
 use margay_testkit::ApiServerProcess;
 use serde_json::{json, Value};
@@ -25,11 +25,7 @@ fn netns_kubernetes_datastore_under_the_chart_service_account() {
     };
     let rt = runtime();
     let api = rt
-        .block_on(ApiServerProcess::start_with(
-            &bin,
-            Authorization::Rbac,
-            true,
-        ))
+        .block_on(ApiServerProcess::start_with(&bin, Options::RBAC))
         .expect("starting kube-apiserver");
     let dir = tempfile::tempdir().expect("temp dir");
     let admin = dir.path().join("admin.kubeconfig");

@@ -495,9 +495,9 @@ impl Agent {
                 let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
                     .await
                     .ok()?;
-                kube::Client::try_from(cfg).ok()
+                margay_api::store::kube::client(cfg).ok()
             }
-            None => kube::Client::try_default().await.ok(),
+            None => margay_api::store::kube::client(kube::Config::infer().await.ok()?).ok(),
         }
     }
 

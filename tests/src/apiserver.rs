@@ -66,6 +66,27 @@ pub enum Authorization {
     Rbac,
 }
 
+/// How to start an API server: [`ApiServerProcess::start_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub authorization: Authorization,
+    /// Install Margay's CRDs (else the test does, with helm say).
+    pub crds: bool,
+    /// Write every request to an audit log, for [`ApiServerProcess::forbidden`]. Benchmarks
+    /// turn it off: a cluster does not log every request by default.
+    pub audit: bool,
+}
+
+impl Options {
+    /// RBAC on, Margay's CRDs installed, every request audited: a cluster as a test of the
+    /// chart's roles wants it.
+    pub const RBAC: Options = Options {
+        authorization: Authorization::Rbac,
+        crds: true,
+        audit: true,
+    };
+}
+
 /// A running kube-apiserver. Dropping it stops the API server, then its etcd.
 ///
 /// Every request is written to an audit log, so that a test can find each request the server
@@ -75,7 +96,7 @@ pub struct ApiServerProcess {
     process: Managed,
     port: u16,
     version: String,
-    authorization: Authorization,
+    options: Options,
     token_file: PathBuf,
     etcd: EtcdProcess,
     // Declared last: removed after the process has stopped.
@@ -86,16 +107,16 @@ impl ApiServerProcess {
     /// Starts etcd and the API server from `bin` (every request allowed), waits for `/readyz`,
     /// and installs every CRD in [`crd_dir`].
     pub async fn start(bin: &Path) -> Result<ApiServerProcess> {
-        ApiServerProcess::start_with(bin, Authorization::AlwaysAllow, true).await
+        let options = Options {
+            authorization: Authorization::AlwaysAllow,
+            crds: true,
+            audit: true,
+        };
+        ApiServerProcess::start_with(bin, options).await
     }
 
-    /// Like [`start`](Self::start), with the authorization mode given, and Margay's CRDs
-    /// installed only when `crds` (else the test installs them, with helm say).
-    pub async fn start_with(
-        bin: &Path,
-        authorization: Authorization,
-        crds: bool,
-    ) -> Result<ApiServerProcess> {
+    /// Like [`start`](Self::start), with the `options` given.
+    pub async fn start_with(bin: &Path, options: Options) -> Result<ApiServerProcess> {
         if !bin.is_file() {
             bail!("{APISERVER_ENV}={} is not a file", bin.display());
         }
@@ -135,7 +156,7 @@ impl ApiServerProcess {
             process: Managed::stopped("kube-apiserver"),
             port: 0,
             version,
-            authorization,
+            options,
             token_file,
             etcd,
             dir,
@@ -152,7 +173,7 @@ impl ApiServerProcess {
                 Err(e) => return Err(e),
             }
         }
-        if crds {
+        if options.crds {
             me.install_crds(&crd_dir()).await?;
         }
         Ok(me)
@@ -171,16 +192,10 @@ impl ApiServerProcess {
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={}", self.port),
             format!("--cert-dir={}", d.join("certs").display()),
-            match self.authorization {
+            match self.options.authorization {
                 Authorization::AlwaysAllow => "--authorization-mode=AlwaysAllow".into(),
                 Authorization::Rbac => "--authorization-mode=RBAC".into(),
             },
-            format!(
-                "--audit-policy-file={}",
-                d.join("audit-policy.yaml").display()
-            ),
-            format!("--audit-log-path={}", self.audit_log().display()),
-            "--audit-log-format=json".into(),
             format!("--token-auth-file={}", d.join("tokens.csv").display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", sa_key.display()),
@@ -190,6 +205,14 @@ impl ApiServerProcess {
             "--etcd-compaction-interval=0".into(),
             "--profiling=false".into(),
         ];
+        if self.options.audit {
+            args.push(format!(
+                "--audit-policy-file={}",
+                d.join("audit-policy.yaml").display()
+            ));
+            args.push(format!("--audit-log-path={}", self.audit_log().display()));
+            args.push("--audit-log-format=json".into());
+        }
         if minor_version(&self.version).is_some_and(|m| m < 24) {
             // Before 1.24 an insecure port 8080 opens by default; two test servers would fight
             // over it.
@@ -257,7 +280,7 @@ impl ApiServerProcess {
     }
 
     /// Writes a kubeconfig for this server that authenticates with `token` (the admin's when
-    /// `None`), as a component or kubectl reads it.
+    /// `None`) and verifies the server's certificate, as a component or kubectl reads it.
     pub fn write_kubeconfig(&self, path: &Path, token: Option<&str>) -> Result<()> {
         let token = match token {
             Some(t) => t.to_owned(),
@@ -266,9 +289,11 @@ impl ApiServerProcess {
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
+            // The self-signed serving certificate the server made in --cert-dir, with its CA,
+            // verified as a cluster's kubeconfig verifies its API server.
             "clusters": [{"name": "test", "cluster": {
                 "server": self.url(),
-                "insecure-skip-tls-verify": true,
+                "certificate-authority": self.dir.path().join("certs/apiserver.crt"),
             }}],
             "users": [{"name": "test", "user": {"token": token}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
@@ -307,6 +332,9 @@ impl ApiServerProcess {
     /// `user_prefix` (e.g. `system:serviceaccount:margay-system:`), one line each: user, verb,
     /// URI.
     pub fn forbidden(&self, user_prefix: &str) -> Result<Vec<String>> {
+        if !self.options.audit {
+            bail!("this API server keeps no audit log (Options::audit)");
+        }
         let text = match std::fs::read_to_string(self.audit_log()) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),

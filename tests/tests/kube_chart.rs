@@ -6,7 +6,7 @@
 //! The API server comes from `KUBE_APISERVER_BIN` or `PATH`; without one these tests say
 //! SKIPPED, and under `CI=true` they fail.
 
-use margay_testkit::apiserver::{require_apiserver, Authorization};
+use margay_testkit::apiserver::{require_apiserver, Options};
 use margay_testkit::chart::{self, run_kubectl, NAMESPACE};
 use margay_testkit::ApiServerProcess;
 use serde_json::Value;
@@ -17,9 +17,15 @@ const SUITE: &str = "chart and CRDs on a real API server";
 
 async fn server(crds: bool) -> Option<(ApiServerProcess, tempfile::TempDir, PathBuf)> {
     let bin = require_apiserver(SUITE)?;
-    let api = ApiServerProcess::start_with(&bin, Authorization::Rbac, crds)
-        .await
-        .expect("starting kube-apiserver");
+    let api = ApiServerProcess::start_with(
+        &bin,
+        Options {
+            crds,
+            ..Options::RBAC
+        },
+    )
+    .await
+    .expect("starting kube-apiserver");
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = dir.path().join("admin.kubeconfig");
     api.write_kubeconfig(&kubeconfig, None).expect("kubeconfig");

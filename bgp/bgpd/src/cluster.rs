@@ -717,10 +717,13 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Option<kube::Client> {
             Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(|c| kube::Client::try_from(c).map_err(|e| e.to_string())),
+                .and_then(|c| margay_api::store::kube::client(c).map_err(|e| e.to_string())),
             Err(e) => Err(e.to_string()),
         },
-        None => kube::Client::try_default().await.map_err(|e| e.to_string()),
+        None => match kube::Config::infer().await {
+            Ok(c) => margay_api::store::kube::client(c).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
     };
     match result {
         Ok(c) => Some(c),

@@ -56,8 +56,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let client = kube::Client::try_default()
+        let config = kube::Config::infer()
             .await
+            .map_err(|e| format!("in-cluster client: {e}"))?;
+        let client = margay_api::store::kube::client(config)
             .map_err(|e| format!("in-cluster client: {e}"))?;
         let ca = std::fs::read(token::SERVICE_ACCOUNT_CA)
             .map_err(|e| format!("{}: {e}", token::SERVICE_ACCOUNT_CA))?;

@@ -7,7 +7,7 @@
 //! The API server comes from `KUBE_APISERVER_BIN` or `PATH`; without one the test says
 //! SKIPPED, and under `CI=true` it fails.
 
-use margay_testkit::apiserver::{require_apiserver, Authorization};
+use margay_testkit::apiserver::{require_apiserver, Options};
 use margay_testkit::chart::{self, run_kubectl, NAMESPACE};
 use margay_testkit::{free_port, ApiServerProcess};
 use serde_json::Value;
@@ -137,7 +137,7 @@ async fn replicas_under_the_chart_service_account_validate_pools_and_fail_over()
     let Some(bin) = require_apiserver("margay-ipam-controller under RBAC") else {
         return;
     };
-    let api = ApiServerProcess::start_with(&bin, Authorization::Rbac, true)
+    let api = ApiServerProcess::start_with(&bin, Options::RBAC)
         .await
         .expect("starting kube-apiserver");
     let dir = tempfile::tempdir().expect("temp dir");
