@@ -76,7 +76,7 @@ pub async fn run(
 
 /// Who is alive: WorkloadEndpoints and Nodes in etcd mode, pods and nodes from the API server
 /// in Kubernetes mode.
-async fn live_set(store: &Store, ds: &DatastoreConfig) -> anyhow::Result<LiveSet> {
+pub(crate) async fn live_set(store: &Store, ds: &DatastoreConfig) -> anyhow::Result<LiveSet> {
     match ds {
         DatastoreConfig::Etcd(_) => Ok(LiveSet::from_store(store).await?),
         DatastoreConfig::Kubernetes { kubeconfig } => {

@@ -105,7 +105,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Bgp(cmd) => bgp::run(cmd).await,
-        Command::Lab(cmd) => lab::run(cmd).await,
+        Command::Lab(cmd) => lab::run(cmd, cli.datastore.as_deref()).await,
         Command::Ipam(cmd) => match (cli.store().await, cli.datastore()) {
             (Ok(store), Ok(ds)) => ipam::run(&store, &ds, cmd).await,
             (Err(e), _) | (_, Err(e)) => Err(e),

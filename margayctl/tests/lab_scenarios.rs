@@ -1,6 +1,10 @@
 //! The lab, end to end: each scenario on a fresh lab (`lab up`, `lab scenario`, `lab down`),
-//! run through the real margayctl binary as a user runs it. Needs root; the tests in this file
-//! share the lab's fixed namespace names, and the CI profile runs them one at a time.
+//! run through the real margayctl binary as a user runs it, on etcd and again on the
+//! Kubernetes datastore (`--datastore kubernetes`: a real kube-apiserver with RBAC, every
+//! component as its chart ServiceAccount). Needs root, and a kube-apiserver for the Kubernetes
+//! half (`KUBE_APISERVER_BIN` or `PATH`; without one those tests say SKIPPED, and fail under
+//! `CI=true`). The tests in this file share the lab's fixed namespace names, and the CI profile
+//! runs them one at a time.
 
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -28,6 +32,9 @@ impl Lab {
         if !nix::unistd::Uid::effective().is_root() {
             println!("SKIPPED lab test: needs root to build network namespaces");
             return None;
+        }
+        if args.contains(&"kubernetes") {
+            margay_testkit::apiserver::require_apiserver("lab on the Kubernetes datastore")?;
         }
         // A lab left by an interrupted run would make `up` refuse.
         let _ = margayctl(&["lab", "down"]);
@@ -156,4 +163,88 @@ fn lab_with_margay_bgpd_as_route_reflector() {
         return;
     };
     lab.scenario("external-access");
+}
+
+// ===== the same on the Kubernetes datastore =====
+
+const KUBE: &[&str] = &["--datastore", "kubernetes"];
+
+fn kube<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = KUBE.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn lab_kubernetes_up_status_gc_failover_and_invalid_pool() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    let out = margayctl(&["lab", "status"]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    for want in ["node1", "node3", "pod-node2-1", "10.244."] {
+        assert!(s.contains(want), "status lacks {want}:\n{s}");
+    }
+    let s = lab.scenario("gc-deleted-pod");
+    assert!(s.contains("released"), "{s}");
+    let s = lab.scenario("leader-failover");
+    assert!(s.contains("leads"), "{s}");
+    let s = lab.scenario("invalid-pool");
+    assert!(
+        s.contains("Valid=False") || s.contains("refused the pool"),
+        "{s}"
+    );
+}
+
+#[test]
+fn lab_kubernetes_scenario_pod_churn() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    let s = lab.scenario("pod-churn");
+    assert!(s.contains("ipam check: clean"), "{s}");
+}
+
+#[test]
+fn lab_kubernetes_scenario_pool_edit() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    lab.scenario("pool-edit");
+}
+
+#[test]
+fn lab_kubernetes_scenario_node_loss() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    lab.scenario("node-loss");
+}
+
+#[test]
+fn lab_kubernetes_scenario_mesh_to_rr() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    lab.scenario("mesh-to-rr");
+}
+
+#[test]
+fn lab_kubernetes_scenario_nat() {
+    let Some(lab) = Lab::up(KUBE) else { return };
+    lab.scenario("nat");
+}
+
+#[test]
+fn lab_kubernetes_scenario_external_access_without_encapsulation() {
+    let Some(lab) = Lab::up(&kube(&["--encap", "none"])) else {
+        return;
+    };
+    lab.scenario("external-access");
+}
+
+#[test]
+fn lab_kubernetes_with_margay_bgpd_as_route_reflector() {
+    let Some(lab) = Lab::up(&kube(&["--router", "margay", "--encap", "none"])) else {
+        return;
+    };
+    lab.scenario("external-access");
+}
+
+#[test]
+fn lab_scenario_invalid_pool_on_etcd() {
+    let Some(lab) = Lab::up(&[]) else { return };
+    let s = lab.scenario("invalid-pool");
+    assert!(s.contains("Valid=False"), "{s}");
 }

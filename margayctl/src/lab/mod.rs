@@ -1,12 +1,15 @@
 //! `margayctl lab`: a whole Margay cluster on one machine, out of network namespaces.
 //!
-//! `lab up` builds two L2 subnets joined by a router, etcd as the datastore, `margay-node` on
-//! every node, the IPAM controller, and pods made by the real CNI binaries; then it prints the
+//! `lab up` builds two L2 subnets joined by a router, etcd as the datastore (or, with
+//! `--datastore kubernetes`, a kube-apiserver with RBAC on and the chart's CRDs, roles and
+//! ServiceAccounts), `margay-node` on every node, the IPAM controller, and pods made by the
+//! real CNI binaries; then it prints the
 //! nodes, the pods and a reachability matrix with the time to full convergence. `lab status`
 //! prints the same picture for a running lab; `lab down` removes everything the lab made, even
 //! after a crash halfway through `up`. The lab touches nothing outside its own namespaces and
 //! `/run/margay-lab`.
 
+mod kube;
 mod matrix;
 mod plan;
 mod pods;
@@ -66,6 +69,13 @@ pub enum LabCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Datastore {
+    #[default]
+    Etcd,
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum Router {
     Bird,
@@ -98,6 +108,8 @@ struct LabState {
     nodes: Vec<String>,
     encap: Option<Encap>,
     router: Option<Router>,
+    #[serde(default)]
+    datastore: Datastore,
     bin_dir: PathBuf,
     daemons: Vec<Daemon>,
     pods: Vec<Pod>,
@@ -138,7 +150,16 @@ fn step(what: &str) -> Instant {
     Instant::now()
 }
 
-pub async fn run(cmd: &LabCommand) -> Result<ExitCode> {
+/// Runs a lab command. `lab up` builds the lab on `datastore` (margayctl's global
+/// `--datastore`): etcd by default, or `kubernetes` for a real kube-apiserver (from
+/// KUBE_APISERVER_BIN or PATH) with RBAC on, every component authenticated as its chart
+/// ServiceAccount, and the lab playing the kubelet (Nodes, Pods).
+pub async fn run(cmd: &LabCommand, datastore: Option<&str>) -> Result<ExitCode> {
+    let datastore = match datastore {
+        None | Some("etcd") | Some("etcdv3") => Datastore::Etcd,
+        Some("kubernetes") | Some("kdd") => Datastore::Kubernetes,
+        Some(other) => bail!("--datastore {other:?}: the lab runs on etcd or kubernetes"),
+    };
     if !matches!(cmd, LabCommand::Echo { .. }) && !nix::unistd::Uid::effective().is_root() {
         bail!("the lab builds network namespaces: run margayctl lab as root");
     }
@@ -149,7 +170,17 @@ pub async fn run(cmd: &LabCommand) -> Result<ExitCode> {
             encap,
             router,
             bin_dir,
-        } => up(*nodes, *pods_per_node, *encap, *router, bin_dir.clone()).await,
+        } => {
+            up(
+                *nodes,
+                *pods_per_node,
+                *encap,
+                *router,
+                datastore,
+                bin_dir.clone(),
+            )
+            .await
+        }
         LabCommand::Status => status().await,
         LabCommand::Down => down(),
         LabCommand::Scenario { name } => run_scenario(*name).await,
@@ -363,7 +394,15 @@ fn build_fabric(nodes: &[plan::NodePlan]) -> Result<()> {
     Ok(())
 }
 
-async fn connect_store() -> Result<Store> {
+/// The lab's datastore, as its administrator (from inside the infrastructure namespace).
+async fn connect_store(datastore: Datastore) -> Result<Store> {
+    if datastore == Datastore::Kubernetes {
+        let backend =
+            margay_api::store::kube::KubeBackend::from_kubeconfig(kube::kubeconfig("admin"))
+                .await
+                .context("connecting to the lab's API server")?;
+        return Ok(Store::new(Arc::new(backend)));
+    }
     let backend = EtcdBackend::connect(
         EtcdConfig::new([plan::etcd_endpoint()]).with_prefix(plan::ETCD_PREFIX),
     )
@@ -375,7 +414,7 @@ async fn connect_store() -> Result<Store> {
 async fn wait_etcd() -> Result<Store> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(store) = connect_store().await {
+        if let Ok(store) = connect_store(Datastore::Etcd).await {
             if store.list::<IPPool>().await.is_ok() {
                 return Ok(store);
             }
@@ -387,20 +426,39 @@ async fn wait_etcd() -> Result<Store> {
     }
 }
 
-fn node_env(n: &plan::NodePlan) -> Vec<(String, String)> {
+/// The environment that points a component at the lab's datastore, as `who` (its
+/// ServiceAccount in Kubernetes mode).
+fn datastore_env(datastore: Datastore, who: &str) -> Vec<(String, String)> {
+    match datastore {
+        Datastore::Etcd => vec![
+            ("MARGAY_DATASTORE_TYPE".into(), "etcd".into()),
+            ("MARGAY_ETCD_ENDPOINTS".into(), plan::etcd_endpoint()),
+            ("MARGAY_ETCD_PREFIX".into(), plan::ETCD_PREFIX.into()),
+        ],
+        Datastore::Kubernetes => vec![
+            ("MARGAY_DATASTORE_TYPE".into(), "kubernetes".into()),
+            (
+                "KUBECONFIG".into(),
+                kube::kubeconfig(who).display().to_string(),
+            ),
+            ("POD_NAMESPACE".into(), kube::NAMESPACE.into()),
+        ],
+    }
+}
+
+fn node_env(n: &plan::NodePlan, datastore: Datastore) -> Vec<(String, String)> {
     let state = Path::new(plan::STATE_DIR).join(&n.name);
-    vec![
-        ("NODENAME".into(), n.name.clone()),
-        ("MARGAY_DATASTORE_TYPE".into(), "etcd".into()),
-        ("MARGAY_ETCD_ENDPOINTS".into(), plan::etcd_endpoint()),
-        ("MARGAY_ETCD_PREFIX".into(), plan::ETCD_PREFIX.into()),
+    let mut env = vec![("NODENAME".into(), n.name.clone())];
+    env.extend(datastore_env(datastore, "margay-node"));
+    env.extend([
         ("IP".into(), n.addr_cidr()),
         ("MARGAY_STATE_DIR".into(), state.display().to_string()),
         ("MARGAY_BGP_ENABLED".into(), "true".into()),
         ("MARGAY_HEALTH_LISTEN".into(), "127.0.0.1:9099".into()),
         ("MARGAY_METRICS_LISTEN".into(), "127.0.0.1:9091".into()),
         ("MARGAY_RESYNC_INTERVAL".into(), "30s".into()),
-    ]
+    ]);
+    env
 }
 
 fn start_node(st: &mut LabState, n: &plan::NodePlan) -> Result<()> {
@@ -411,7 +469,7 @@ fn start_node(st: &mut LabState, n: &plan::NodePlan) -> Result<()> {
         &n.netns,
         &st.bin_dir.join("margay-node"),
         &[],
-        &node_env(n),
+        &node_env(n, st.datastore),
         &dir.join("margay-node.log"),
     )?;
     st.daemons.retain(|x| x.name != d.name);
@@ -424,6 +482,7 @@ async fn up(
     pods_per_node: u32,
     encap: Encap,
     router: Router,
+    datastore: Datastore,
     bin: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let t0 = Instant::now();
@@ -437,6 +496,7 @@ async fn up(
         nodes: nodes.iter().map(|n| n.name.clone()).collect(),
         encap: Some(encap),
         router: Some(router),
+        datastore,
         bin_dir: bin_dir.clone(),
         ..Default::default()
     };
@@ -476,7 +536,28 @@ async fn up(
     st.save()?;
     // From here on this process lives in the infrastructure namespace, beside etcd.
     proc::enter_netns(plan::INFRA_NS)?;
-    let store = wait_etcd().await?;
+    let mut store = wait_etcd().await?;
+    if datastore == Datastore::Kubernetes {
+        step("starting kube-apiserver (RBAC) and installing the chart's CRDs, roles and ServiceAccounts");
+        if let Err(e) = kube::apiserver_binary() {
+            bail!("{e}");
+        }
+        st.daemons.push(kube::start_apiserver()?);
+        st.save()?;
+        kube::wait_ready(&bin_dir)?;
+        kube::install_chart(&bin_dir, false)?;
+        for n in &nodes {
+            kube::register_node(
+                &bin_dir,
+                &n.name,
+                &[
+                    ("lab.margay.io/subnet", n.subnet.label()),
+                    ("kubernetes.io/hostname", &n.name),
+                ],
+            )?;
+        }
+        store = connect_store(datastore).await?;
+    }
 
     step(&format!(
         "creating the default pool {} ({encap:?})",
@@ -510,27 +591,7 @@ async fn up(
     start_router(&mut st, &nodes, router)?;
 
     step("starting the IPAM controller");
-    let ctl = proc::spawn_daemon(
-        "ipam-controller",
-        plan::INFRA_NS,
-        &bin_dir.join("margay-ipam-controller"),
-        &[
-            "--interval".into(),
-            "10s".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:9094".into(),
-            "--identity".into(),
-            "lab".into(),
-        ],
-        &[
-            ("MARGAY_DATASTORE_TYPE".into(), "etcd".into()),
-            ("MARGAY_ETCD_ENDPOINTS".into(), plan::etcd_endpoint()),
-            ("MARGAY_ETCD_PREFIX".into(), plan::ETCD_PREFIX.into()),
-        ],
-        &Path::new(plan::STATE_DIR).join("ipam-controller.log"),
-    )?;
-    st.daemons.push(ctl);
-    st.save()?;
+    start_controllers(&mut st)?;
 
     step("starting margay-node on every node");
     for n in &nodes {
@@ -700,6 +761,66 @@ async fn wait_nodes_published(store: &Store, nodes: &[plan::NodePlan], encap: En
     }
 }
 
+/// The IPAM controller: one replica on etcd; on Kubernetes two, electing a leader through a
+/// Lease, with a short GC grace so that the lab can show a deleted Pod's address coming back.
+/// Replicas that run already are left alone.
+fn start_controllers(st: &mut LabState) -> Result<()> {
+    let replicas: &[&str] = match st.datastore {
+        Datastore::Etcd => &["lab"],
+        Datastore::Kubernetes => &["lab", "lab-2"],
+    };
+    for (i, identity) in replicas.iter().enumerate() {
+        let name = controller_name(i);
+        if st.daemon(&name).is_some_and(proc::is_running) {
+            continue;
+        }
+        let mut args: Vec<String> = vec![
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", 9094 + i),
+            "--identity".into(),
+            (*identity).into(),
+        ];
+        if st.datastore == Datastore::Kubernetes {
+            args.extend(
+                [
+                    "--interval",
+                    "2s",
+                    "--gc-grace",
+                    "5s",
+                    "--lease-namespace",
+                    kube::NAMESPACE,
+                    "--lease-duration",
+                    "4s",
+                ]
+                .map(String::from),
+            );
+        } else {
+            args.extend(["--interval", "10s"].map(String::from));
+        }
+        let d = proc::spawn_daemon(
+            &name,
+            plan::INFRA_NS,
+            &st.bin_dir.join("margay-ipam-controller"),
+            &args,
+            &datastore_env(st.datastore, "margay-ipam-controller"),
+            &Path::new(plan::STATE_DIR).join(format!("{name}.log")),
+        )?;
+        st.daemons.retain(|x| x.name != d.name);
+        st.daemons.push(d);
+        st.save()?;
+    }
+    Ok(())
+}
+
+/// The daemon name of controller replica `i`.
+fn controller_name(i: usize) -> String {
+    if i == 0 {
+        "ipam-controller".into()
+    } else {
+        format!("ipam-controller-{}", i + 1)
+    }
+}
+
 fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Result<Pod> {
     let netns = plan::pod_netns(&n.name, i);
     add_netns(&netns)?;
@@ -716,7 +837,10 @@ fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Resu
     st.pods.push(pod.clone());
     st.save()?;
     let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
-    let result = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir)?;
+    if st.datastore == Datastore::Kubernetes {
+        kube::create_pod(&st.bin_dir, &pod.namespace, name, &n.name, &[])?;
+    }
+    let result = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir, st.datastore)?;
     pod.ip = pods::result_ip(&result);
     let me = std::env::current_exe()?;
     pod.echo = Some(proc::spawn_daemon(
@@ -854,7 +978,7 @@ async fn run_scenario(name: scenario::Scenario) -> Result<ExitCode> {
         bail!("no lab is up: run `margayctl lab up` first");
     };
     proc::enter_netns(plan::INFRA_NS)?;
-    let store = connect_store().await?;
+    let store = connect_store(st.datastore).await?;
     eprintln!("==> scenario {name:?}");
     match scenario::run(&mut st, &store, name).await {
         Ok(out) => {
@@ -879,7 +1003,7 @@ async fn status() -> Result<ExitCode> {
         bail!("no lab is up (no {})", state_path().display());
     };
     proc::enter_netns(plan::INFRA_NS)?;
-    let store = connect_store().await?;
+    let store = connect_store(st.datastore).await?;
     print_picture(&st, &store).await?;
     let eps = endpoints(&st);
     Ok(if matrix::full(&matrix::probe(&eps)) {

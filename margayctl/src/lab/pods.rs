@@ -2,7 +2,7 @@
 //! real `margay` CNI binary run with the CNI environment and the network configuration on
 //! stdin, inside the node's namespace.
 
-use super::plan;
+use super::{plan, Datastore};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -23,21 +23,33 @@ pub struct Pod {
     pub echo: Option<super::proc::Daemon>,
 }
 
-/// The network configuration the runtime passes on stdin, for `node`.
-pub fn network_config(node: &str, state_dir: &Path) -> serde_json::Value {
-    serde_json::json!({
+/// The network configuration the runtime passes on stdin, for `node`: the lab's etcd, or its
+/// API server as the chart's `margay-cni` ServiceAccount.
+pub fn network_config(node: &str, state_dir: &Path, datastore: Datastore) -> serde_json::Value {
+    let mut conf = serde_json::json!({
         "cniVersion": "1.1.0",
         "name": "k8s-pod-network",
         "type": "margay",
         "nodename": node,
         "state_dir": state_dir,
-        "datastore_type": "etcd",
-        "etcd_endpoints": plan::etcd_endpoint(),
-        "etcd_prefix": plan::ETCD_PREFIX,
         "log_level": "info",
         "log_file": state_dir.join("cni.log"),
         "ipam": { "type": "margay-ipam" }
-    })
+    });
+    match datastore {
+        Datastore::Etcd => {
+            conf["datastore_type"] = "etcd".into();
+            conf["etcd_endpoints"] = plan::etcd_endpoint().into();
+            conf["etcd_prefix"] = plan::ETCD_PREFIX.into();
+        }
+        Datastore::Kubernetes => {
+            conf["datastore_type"] = "kubernetes".into();
+            conf["kubernetes"] = serde_json::json!({
+                "kubeconfig": super::kube::kubeconfig("margay-cni"),
+            });
+        }
+    }
+    conf
 }
 
 /// Runs one CNI command of the `margay` plugin for `pod`; returns the parsed stdout.
@@ -46,8 +58,24 @@ pub fn cni(
     command: &str,
     pod: &Pod,
     state_dir: &Path,
+    datastore: Datastore,
 ) -> Result<serde_json::Value> {
-    let conf = network_config(&pod.node, state_dir);
+    cni_with_pools(bin_dir, command, pod, state_dir, datastore, &[])
+}
+
+/// Like [`cni`], with `ipam.ipv4_pools` set to `pools` when there are any.
+pub fn cni_with_pools(
+    bin_dir: &Path,
+    command: &str,
+    pod: &Pod,
+    state_dir: &Path,
+    datastore: Datastore,
+    pools: &[&str],
+) -> Result<serde_json::Value> {
+    let mut conf = network_config(&pod.node, state_dir, datastore);
+    if !pools.is_empty() {
+        conf["ipam"]["ipv4_pools"] = pools.into();
+    }
     let mut child = Command::new("ip")
         .args(["netns", "exec", &pod.node_netns])
         .arg(bin_dir.join("margay"))
@@ -119,10 +147,22 @@ mod tests {
 
     #[test]
     fn the_network_config_is_what_the_plugin_reads() {
-        let c = network_config("node1", Path::new("/run/margay-lab/node1"));
+        let c = network_config("node1", Path::new("/run/margay-lab/node1"), Datastore::Etcd);
         assert_eq!(c["type"], "margay");
         assert_eq!(c["ipam"]["type"], "margay-ipam");
+        assert_eq!(c["datastore_type"], "etcd");
         assert_eq!(c["etcd_endpoints"], "http://172.30.1.2:2379");
+        let k = network_config(
+            "node1",
+            Path::new("/run/margay-lab/node1"),
+            Datastore::Kubernetes,
+        );
+        assert_eq!(k["datastore_type"], "kubernetes");
+        assert_eq!(
+            k["kubernetes"]["kubeconfig"],
+            "/run/margay-lab/kube/margay-cni.kubeconfig"
+        );
+        assert!(k.get("etcd_endpoints").is_none(), "{k}");
     }
 
     #[test]

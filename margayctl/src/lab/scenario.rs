@@ -3,7 +3,7 @@
 
 use super::matrix::{self, Endpoint};
 use super::pods::{self, Pod};
-use super::{plan, proc, LabState};
+use super::{kube, plan, proc, Datastore, LabState};
 use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use margay_api::{BGPConfiguration, BGPPeer, BGPPeerSpec, IPPool, IPPoolSpec, Node, Store};
@@ -29,6 +29,16 @@ pub enum Scenario {
     ExternalAccess,
     /// Pods reach the outside host through natOutgoing; it sees node addresses.
     Nat,
+    /// Kubernetes datastore: a Pod deleted through the API whose CNI DEL never ran gets its
+    /// address back from the controller's garbage collection after the grace period.
+    GcDeletedPod,
+    /// Kubernetes datastore: the leading controller replica is killed with SIGKILL; the other
+    /// leads within the lease duration.
+    LeaderFailover,
+    /// A pool that Margay refuses (block size 33) is applied through the datastore's API: it is
+    /// refused or marked Valid=False, a pod that asks for it is told why, and no pod gets an
+    /// address from it.
+    InvalidPool,
 }
 
 /// What a scenario measured.
@@ -49,6 +59,9 @@ pub async fn run(st: &mut LabState, store: &Store, s: Scenario) -> Result<Outcom
         Scenario::MeshToRr => mesh_to_rr(st, store).await?,
         Scenario::ExternalAccess => external_access(st)?,
         Scenario::Nat => nat(st)?,
+        Scenario::GcDeletedPod => gc_deleted_pod(st, store).await?,
+        Scenario::LeaderFailover => leader_failover(st).await?,
+        Scenario::InvalidPool => invalid_pool(st, store).await?,
     };
     out.seconds = t.elapsed().as_secs_f64();
     Ok(out)
@@ -175,9 +188,19 @@ fn ipam_check_clean(findings: &[margay_ipam::audit::Finding]) -> Result<()> {
     )
 }
 
-async fn ipam_check(store: &Store) -> Result<()> {
+/// `margayctl ipam check` on the lab: who is alive comes from WorkloadEndpoints on etcd, from
+/// Pods on Kubernetes.
+async fn ipam_check(st: &LabState, store: &Store) -> Result<()> {
     let snap = margay_ipam::audit::Snapshot::read(store).await?;
-    let live = margay_ipam::audit::LiveSet::from_store(store).await?;
+    let live = match st.datastore {
+        Datastore::Etcd => margay_ipam::audit::LiveSet::from_store(store).await?,
+        Datastore::Kubernetes => {
+            let ds = margay_api::DatastoreConfig::Kubernetes {
+                kubeconfig: Some(kube::kubeconfig("admin")),
+            };
+            crate::ipam::live_set(store, &ds).await?
+        }
+    };
     ipam_check_clean(&margay_ipam::audit::check(&snap, Some(&live)))
 }
 
@@ -189,6 +212,10 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
         .map(|n| plan::node(n[4..].parse().unwrap_or(1)))
         .collect();
     let mut created = 0;
+    let kube = st.datastore == Datastore::Kubernetes;
+    if kube {
+        kube::pod_namespace(&st.bin_dir, "churn")?;
+    }
     // In waves of 10, so that pods exist side by side and addresses get reused.
     for wave in 0..10u32 {
         let mut wave_pods = Vec::new();
@@ -209,7 +236,10 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
                 echo: None,
             };
             let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
-            let r = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir)?;
+            if kube {
+                kube::create_pod(&st.bin_dir, "churn", &name, &n.name, &[])?;
+            }
+            let r = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir, st.datastore)?;
             ensure!(
                 pods::result_ip(&r).is_some(),
                 "ADD of {name} gave no address: {r}"
@@ -219,12 +249,15 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
         }
         for pod in &wave_pods {
             let state_dir = Path::new(plan::STATE_DIR).join(&pod.node);
-            pods::cni(&st.bin_dir, "DEL", pod, &state_dir)?;
+            pods::cni(&st.bin_dir, "DEL", pod, &state_dir, st.datastore)?;
             proc::ip(&["netns", "del", &pod.netns])?;
+            if kube {
+                kube::delete_pod(&st.bin_dir, "churn", &pod.name)?;
+            }
         }
     }
     let took = wait_full(&base, Duration::from_secs(30)).await?;
-    ipam_check(store).await?;
+    ipam_check(st, store).await?;
     Ok(Outcome {
         notes: vec![
             format!("{created} pods created and deleted through the CNI plugin"),
@@ -388,7 +421,22 @@ async fn mesh_to_rr(st: &mut LabState, store: &Store) -> Result<Outcome> {
     let eps = endpoints(st);
     wait_sessions(&plan::node(2).netns, 3).await?;
     let probe = GapProbe::start(eps.clone());
-    // Node 1 becomes the route reflector; the others peer with it; then the mesh goes.
+    // Node 1 becomes the route reflector; the others peer with it; then the mesh goes. On
+    // Kubernetes a node's labels are its Kubernetes Node's (its agent copies them over the
+    // Margay Node's), so the label goes there too.
+    if st.datastore == Datastore::Kubernetes {
+        kube::kubectl(
+            &st.bin_dir,
+            &[
+                "label",
+                "node",
+                "node1",
+                "route-reflector=true",
+                "--overwrite",
+            ],
+            "",
+        )?;
+    }
     let mut n1: Node = store.get("node1").await?;
     n1.metadata
         .labels
@@ -529,6 +577,260 @@ fn nat(st: &LabState) -> Result<Outcome> {
             "every pod reached the outside host, which saw only node addresses: {}",
             sources.into_iter().collect::<Vec<_>>().join(", ")
         )],
+        ..Default::default()
+    })
+}
+
+fn kubernetes_only(st: &LabState, what: &str) -> Result<()> {
+    ensure!(
+        st.datastore == Datastore::Kubernetes,
+        "{what} needs the Kubernetes datastore: lab up --datastore kubernetes"
+    );
+    Ok(())
+}
+
+fn lab_nodes(st: &LabState) -> Vec<plan::NodePlan> {
+    st.nodes
+        .iter()
+        .map(|n| plan::node(n[4..].parse().unwrap_or(1)))
+        .collect()
+}
+
+/// Polls `f` every 200 ms until it gives a value or `limit` passes.
+async fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<(T, Duration)> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok((v, t.elapsed()));
+        }
+        if t.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn gc_deleted_pod(st: &mut LabState, store: &Store) -> Result<Outcome> {
+    kubernetes_only(st, "gc-deleted-pod")?;
+    let n = lab_nodes(st).remove(0);
+    let i = 200 + st.pods.iter().filter(|p| p.node == n.name).count() as u32;
+    let pod = super::create_pod(st, &n, &format!("pod-{}-gone", n.name), i)?;
+    let ip = pod.ip.context("the pod got no address")?;
+    let held =
+        |snap: &margay_ipam::audit::Snapshot| snap.allocations().into_iter().any(|a| a.ip == ip);
+    let snap = margay_ipam::audit::Snapshot::read(store).await?;
+    ensure!(held(&snap), "{ip} is not allocated after ADD");
+    // The API deletes the Pod; the runtime never calls DEL (a node that died, say).
+    kube::delete_pod(&st.bin_dir, &pod.namespace, &pod.name)?;
+    let deleted = Instant::now();
+    let (_, _) = wait_until(
+        "the controller releases the deleted pod's address",
+        Duration::from_secs(60),
+        async || {
+            let snap = margay_ipam::audit::Snapshot::read(store).await?;
+            Ok((!held(&snap)).then_some(()))
+        },
+    )
+    .await?;
+    let took = deleted.elapsed();
+    // What the runtime left behind on the node goes too: the pod's namespace and its echo.
+    if let Some(e) = &pod.echo {
+        proc::stop(e, Duration::from_secs(2));
+    }
+    st.pods.retain(|p| p.name != pod.name);
+    st.save()?;
+    proc::ip(&["netns", "del", &pod.netns])?;
+    Ok(Outcome {
+        notes: vec![
+            format!(
+                "{} ({ip}) deleted through the API with no CNI DEL",
+                pod.name
+            ),
+            format!(
+                "the controller released {ip} {:.1} s later (GC grace 5 s, pass every 2 s)",
+                took.as_secs_f64()
+            ),
+        ],
+        ..Default::default()
+    })
+}
+
+async fn leader_failover(st: &mut LabState) -> Result<Outcome> {
+    kubernetes_only(st, "leader-failover")?;
+    const LEASE: Duration = Duration::from_secs(4);
+    let bin = st.bin_dir.clone();
+    let (leader, _) = wait_until("a controller leads", Duration::from_secs(30), async || {
+        kube::lease_holder(&bin)
+    })
+    .await?;
+    let (victim, other) = match leader.as_str() {
+        "lab" => ("ipam-controller", "lab-2"),
+        "lab-2" => ("ipam-controller-2", "lab"),
+        x => bail!("the lease is held by {x:?}, not by a lab replica"),
+    };
+    let d = st
+        .daemon(victim)
+        .cloned()
+        .with_context(|| format!("no daemon {victim}"))?;
+    proc::kill_now(&d);
+    let killed = Instant::now();
+    let (_, _) = wait_until(
+        "the other replica leads",
+        LEASE + Duration::from_secs(6),
+        async || Ok(kube::lease_holder(&bin)?.filter(|h| h == other)),
+    )
+    .await?;
+    let took = killed.elapsed();
+    ensure!(
+        took <= LEASE + Duration::from_secs(3),
+        "{other} took over {:.1} s after {leader} died; the lease is {LEASE:?}",
+        took.as_secs_f64()
+    );
+    // The killed replica comes back as a follower, as its Deployment would restart it.
+    super::start_controllers(st)?;
+    Ok(Outcome {
+        notes: vec![
+            format!("{leader} led; killed with SIGKILL"),
+            format!(
+                "{other} leads {:.1} s later (lease {} s)",
+                took.as_secs_f64(),
+                LEASE.as_secs()
+            ),
+        ],
+        ..Default::default()
+    })
+}
+
+async fn invalid_pool(st: &mut LabState, store: &Store) -> Result<Outcome> {
+    const NAME: &str = "invalid-ipv4";
+    const CIDR: &str = "10.246.0.0/16";
+    let mut notes = Vec::new();
+    // Through the datastore's own API (the API server in Kubernetes mode), around Margay's
+    // client-side validation, as `kubectl apply` would write it.
+    let value = serde_json::json!({
+        "apiVersion": "margay.io/v1", "kind": "IPPool",
+        "metadata": {"name": NAME},
+        "spec": {"cidr": CIDR, "blockSize": 33},
+    });
+    match store
+        .backend()
+        .create(margay_api::Kind::IPPool, NAME, value)
+        .await
+    {
+        Err(e) => notes.push(format!("the datastore refused the pool: {e}")),
+        Ok(_) => {
+            let (reason, took) = wait_until(
+                "the controller marks the pool",
+                Duration::from_secs(30),
+                async || {
+                    let p = store.get::<IPPool>(NAME).await?;
+                    Ok(p.status
+                        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"))
+                        .filter(|c| c.status == "False")
+                        .map(|c| format!("{}: {}", c.reason, c.message)))
+                },
+            )
+            .await?;
+            ensure!(
+                reason.contains("spec.blockSize"),
+                "Valid=False, but for {reason}"
+            );
+            notes.push(format!(
+                "the API server took it (no CEL before v1.25); the controller marked it Valid=False {:.1} s later: {reason}",
+                took.as_secs_f64()
+            ));
+        }
+    }
+    let n = lab_nodes(st).remove(0);
+    let net: ipnet::IpNet = CIDR.parse()?;
+    // A pod that asks for the pool is told which pool and why.
+    let i = 300 + st.pods.iter().filter(|p| p.node == n.name).count() as u32;
+    let name = format!("pod-{}-picky", n.name);
+    let netns = plan::pod_netns(&n.name, i);
+    super::add_netns(&netns)?;
+    let picky = Pod {
+        name: name.clone(),
+        namespace: "default".into(),
+        node: n.name.clone(),
+        node_netns: n.netns.clone(),
+        netns: netns.clone(),
+        container_id: pods::container_id(&n.name, &name, 7),
+        ip: None,
+        echo: None,
+    };
+    let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
+    let asked = format!("[\"{NAME}\"]");
+    let refused = if st.datastore == Datastore::Kubernetes {
+        kube::create_pod(
+            &st.bin_dir,
+            "default",
+            &name,
+            &n.name,
+            &[("margay.io/ipv4pools", &asked)],
+        )?;
+        let r = pods::cni(&st.bin_dir, "ADD", &picky, &state_dir, st.datastore);
+        kube::delete_pod(&st.bin_dir, "default", &name)?;
+        r
+    } else {
+        // etcd mode reads no annotations; the plugin's ipam.ipv4_pools asks instead.
+        pods::cni_with_pools(
+            &st.bin_dir,
+            "ADD",
+            &picky,
+            &state_dir,
+            st.datastore,
+            &[NAME],
+        )
+    };
+    proc::ip(&["netns", "del", &netns])?;
+    match refused {
+        Ok(r) => bail!("a pod that asked for {NAME} got {r}"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            ensure!(
+                e.contains(NAME) && e.contains("spec.blockSize"),
+                "the error does not name the pool and the reason: {e}"
+            );
+            notes.push(format!(
+                "a pod asking for {NAME} was refused: {}",
+                e.lines().next().unwrap_or("")
+            ));
+        }
+    }
+    // Every other pod keeps getting addresses, never from the refused pool.
+    let i = 400 + st.pods.iter().filter(|p| p.node == n.name).count() as u32;
+    let pod = super::create_pod(st, &n, &format!("pod-{}-after", n.name), i)?;
+    let ip = pod
+        .ip
+        .context("a pod after the invalid pool got no address")?;
+    ensure!(
+        !net.contains(&ip),
+        "{} got {ip} from the refused pool",
+        pod.name
+    );
+    let snap = margay_ipam::audit::Snapshot::read(store).await?;
+    let from_refused: Vec<_> = snap
+        .allocations()
+        .into_iter()
+        .filter(|a| net.contains(&a.ip))
+        .collect();
+    ensure!(
+        from_refused.is_empty(),
+        "addresses from the refused pool: {from_refused:?}"
+    );
+    notes.push(format!(
+        "{} got {ip}, and no address is allocated from {CIDR}",
+        pod.name
+    ));
+    if let Ok(p) = store.get::<IPPool>(NAME).await {
+        store.delete(&p).await?;
+    }
+    Ok(Outcome {
+        notes,
         ..Default::default()
     })
 }
