@@ -36,8 +36,7 @@ async fn seed(store: &Store, blocks: usize) -> anyhow::Result<()> {
         .map(|i| async move {
             let node = format!("node-{i}");
             let cidr: ipnet::IpNet = format!("10.244.{}.{}/26", i / 4, (i % 4) * 64).parse()?;
-            let mut spec =
-                margay_ipam::block::new_block_spec(&cidr, Some(&node), false, None, 0);
+            let mut spec = margay_ipam::block::new_block_spec(&cidr, Some(&node), false, None, 0);
             for o in 0..PODS_PER_BLOCK {
                 let handle = format!("k8s-pod-network.{i:04}{o:02}");
                 spec.attributes.push(AllocationAttribute {
