@@ -46,6 +46,10 @@ type Schema = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1
 /// - Defaults under `status` (`default: ''` on a condition's `reason`) are refused by v1.20.
 ///   Status is written by Margay's own controllers, which fill every field, so no default is
 ///   needed there.
+/// - No field under `spec` is `nullable`: the server then drops an explicit `null` as if the
+///   field were absent, which is what an `Option` means on the Rust side, and the CEL rules'
+///   `has()` never meets a null. Array items keep it: an IPAMBlock's `allocations` holds
+///   nulls for free addresses.
 fn structural(schema: &Schema) -> Schema {
     let mut v = serde_json::to_value(schema).expect("a schema always serialises");
     each_schema(&mut v, &mut |node| {
@@ -53,12 +57,35 @@ fn structural(schema: &Schema) -> Schema {
             values.retain(|x| !x.is_null());
         }
     });
+    if let Some(spec) = v.pointer_mut("/properties/spec") {
+        drop_nullable_fields(spec);
+    }
     if let Some(status) = v.pointer_mut("/properties/status") {
         each_schema(status, &mut |node| {
             node.remove("default");
         });
     }
     serde_json::from_value(v).expect("the edited schema is still a schema")
+}
+
+/// Removes `nullable` from every object field nested in `schema` (not from array items).
+fn drop_nullable_fields(schema: &mut serde_json::Value) {
+    let Some(node) = schema.as_object_mut() else {
+        return;
+    };
+    if let Some(serde_json::Value::Object(fields)) = node.get_mut("properties") {
+        for field in fields.values_mut() {
+            if let Some(f) = field.as_object_mut() {
+                f.remove("nullable");
+            }
+            drop_nullable_fields(field);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(s) = node.get_mut(key) {
+            drop_nullable_fields(s);
+        }
+    }
 }
 
 /// Calls `f` on `schema` and on every schema nested in it (properties, items, additional

@@ -84,3 +84,47 @@ fn pool_schema_carries_defaults_users_rely_on() {
         serde_json::json!(["Workload", "Tunnel"])
     );
 }
+
+#[test]
+fn the_cidr_pattern_takes_cidrs_of_both_families_and_nothing_else() {
+    let crd = margay_api::crd::all()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "IPPool")
+        .expect("IPPool CRD");
+    let json = serde_json::to_value(&crd).unwrap();
+    let cidr = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["cidr"];
+    assert_eq!(cidr["maxLength"], 64);
+    // The API server evaluates patterns with Go's RE2, whose syntax this regex shares.
+    let re = regex::Regex::new(cidr["pattern"].as_str().expect("a pattern")).unwrap();
+    for good in [
+        "10.244.0.0/16",
+        "0.0.0.0/0",
+        "255.255.255.255/32",
+        "10.1.0.1/16", // host bits: left to Margay's own validation, which names them
+        "fd00::/64",
+        "::/0",
+        "fd00:10:244::/64",
+        "fd00:1:2:3:4:5:6::/112",
+        "::2:3:4:5:6:7:8/128",
+        "2001:db8:0:0:0:0:0:1/128",
+        "::ffff:10.0.0.0/104",
+    ] {
+        assert!(re.is_match(good), "{good} refused");
+    }
+    for bad in [
+        "10.300.0.0/16",
+        "10.1.0.0",
+        "10.1.0.0/33",
+        "10.1.0/24",
+        "010.1.0.0/16x",
+        "not-a-cidr",
+        "fd00::/129",
+        "fd00::",
+        "fd00:1:2:3:4:5:6:7:8:9/64",
+        " 10.1.0.0/16",
+        "",
+    ] {
+        assert!(!re.is_match(bad), "{bad:?} accepted");
+    }
+}

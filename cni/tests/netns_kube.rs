@@ -37,9 +37,9 @@ fn netns_kubernetes_datastore_under_the_chart_service_account() {
     let kubeconfig = dir.path().join("cni.kubeconfig");
     api.write_kubeconfig(&kubeconfig, Some(&token))
         .expect("kubeconfig");
-    // A pool the v1.21 server takes (it runs no CEL rules) and Margay refuses.
-    let bad = "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {name: block-33}\nspec: {cidr: 10.10.0.0/16, blockSize: 33}\n";
-    run_kubectl(&admin, &["apply", "-f", "-"], bad).expect("block-33");
+    // A pool every server takes (no schema or CEL rule sees host bits) and Margay refuses.
+    let bad = "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {name: host-bits}\nspec: {cidr: 10.10.0.1/16}\n";
+    run_kubectl(&admin, &["apply", "-f", "-"], bad).expect("host-bits");
 
     let node = Node::new();
     let state = tempfile::tempdir().expect("state dir");
@@ -75,14 +75,14 @@ fn netns_kubernetes_datastore_under_the_chart_service_account() {
         &picky.namespace,
         &picky.name,
         "node-a",
-        &[("margay.io/ipv4pools", r#"["block-33"]"#)],
+        &[("margay.io/ipv4pools", r#"["host-bits"]"#)],
     )
     .expect("pod picky");
     let run = cni("ADD", &picky, &conf);
     let err = run.err(code::INVALID_CONFIG);
     let text = format!("{} {}", err["msg"], err["details"]);
     assert!(
-        text.contains("block-33") && text.contains("spec.blockSize"),
+        text.contains("host-bits") && text.contains("spec.cidr"),
         "{err}"
     );
     assert!(picky.ipv4().is_none());

@@ -190,7 +190,7 @@ fn lab_kubernetes_up_status_gc_failover_and_invalid_pool() {
     assert!(s.contains("leads"), "{s}");
     let s = lab.scenario("invalid-pool");
     assert!(
-        s.contains("Valid=False") || s.contains("refused the pool"),
+        s.contains("Valid=False") && s.contains("was refused"),
         "{s}"
     );
 }
@@ -246,5 +246,8 @@ fn lab_kubernetes_with_margay_bgpd_as_route_reflector() {
 fn lab_scenario_invalid_pool_on_etcd() {
     let Some(lab) = Lab::up(&[]) else { return };
     let s = lab.scenario("invalid-pool");
-    assert!(s.contains("Valid=False"), "{s}");
+    assert!(
+        s.contains("Valid=False") && s.contains("was refused"),
+        "{s}"
+    );
 }

@@ -119,13 +119,17 @@ struct Reply {
 /// Without `TCP_NODELAY` a request written right after the TLS handshake waits for the ACK of
 /// the handshake's last segment (Nagle), which the API server delays by 40 ms: every
 /// short-lived client (the CNI plugin opens a connection per call) paid that on each
-/// connection. With HTTP/2 the reads a caller sends at once share one connection, and so one
-/// TLS handshake, instead of opening one each. The layers are kube's: base URI, authentication
+/// connection. With HTTP/2, once a connection has negotiated it, the reads a caller sends at
+/// once share that connection instead of opening one each (requests sent together before the
+/// first handshake has finished may still open a connection each). The layers are kube's: base URI, authentication
 /// (token files are re-read as they rotate), extra headers, and connect, read and write
 /// timeouts.
 pub fn client(config: kube::Config) -> Result<kube::Client, ClientError> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::ConfigExt;
+    if let Some(proxy) = &config.proxy_url {
+        return Err(ClientError::Proxy(proxy.to_string()));
+    }
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -142,11 +146,17 @@ pub fn client(config: kube::Config) -> Result<kube::Client, ClientError> {
     timed.set_connect_timeout(config.connect_timeout);
     timed.set_read_timeout(config.read_timeout);
     timed.set_write_timeout(config.write_timeout);
+    timed.set_reset_reader_on_write(config.reset_reader_on_write);
     let transport =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(timed);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        // As kube's own client: 429, 503 and 504 are tried again, with back-off.
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
@@ -161,6 +171,10 @@ pub enum ClientError {
     Kube(#[from] kube::Error),
     #[error("tls-server-name {0:?} is not a server name: {1}")]
     ServerName(String, String),
+    #[error(
+        "the kubeconfig names proxy {0}; Margay's Kubernetes client does not go through proxies"
+    )]
+    Proxy(String),
 }
 
 impl KubeBackend {

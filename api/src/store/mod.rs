@@ -262,7 +262,13 @@ pub async fn read_concurrently<B: Backend + ?Sized>(
     backend: &B,
     reads: Vec<RawRead>,
 ) -> Result<Vec<RawReadResult>, StoreError> {
-    futures::future::try_join_all(reads.into_iter().map(|r| read_one(backend, r))).await
+    use futures::stream::{StreamExt, TryStreamExt};
+    // At most 16 in flight: the allocator sends batches of up to 100 reads.
+    futures::stream::iter(reads)
+        .map(|r| read_one(backend, r))
+        .buffered(16)
+        .try_collect()
+        .await
 }
 
 /// One read of a batch: a get (absence is `None`, not an error) or a listing.

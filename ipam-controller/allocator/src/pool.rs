@@ -7,6 +7,9 @@ use margay_api::{AllowedUse, IPPool, MargayResource};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+/// The annotation in which the controller records the `cidr` it accepted for a pool.
+pub const ANNOTATION_ACCEPTED_CIDR: &str = "margay.io/accepted-cidr";
+
 /// The status condition the controller sets to `False` on a pool whose immutable fields were
 /// changed after blocks were made from it; the allocator then gives no new addresses from it.
 pub const CONDITION_VALID: &str = "Valid";
@@ -120,8 +123,11 @@ pub fn seed(node: &str) -> u64 {
 /// v1.25 run no CEL rules, and the etcd datastore has no server at all), so the controller
 /// reports these and the allocator refuses these pools whether or not the controller has run.
 ///
-/// Of two overlapping pools the older one (by creation time, then by name) stays usable, so
-/// that a pool created on top of another never takes the other's addresses away.
+/// Of two overlapping pools the older one stays usable, so that a pool created on top of another
+/// never takes the other's addresses away. Older means: accepted by the controller first (it
+/// carries the accepted-cidr annotation, which the controller never writes on a pool with a
+/// problem), then created earlier (a pool with no creation time, as on etcd, counts as newest),
+/// then by name.
 pub fn spec_problems(pools: &[IPPool]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut sound: Vec<(&IPPool, IpNet)> = Vec::new();
@@ -139,8 +145,16 @@ pub fn spec_problems(pools: &[IPPool]) -> BTreeMap<String, String> {
         }
     }
     let age = |p: &IPPool| {
+        let accepted = p
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ANNOTATION_ACCEPTED_CIDR));
+        let created = p.metadata.creation_timestamp.clone();
         (
-            p.metadata.creation_timestamp.clone(),
+            !accepted,
+            created.is_none(),
+            created,
             pool_name(p).to_owned(),
         )
     };
@@ -477,8 +491,20 @@ mod tests {
         let t = |s: &str| Some(Time(s.parse().unwrap()));
         old.metadata.creation_timestamp = t("2026-01-01T00:00:00Z");
         young.metadata.creation_timestamp = t("2026-06-01T00:00:00Z");
-        let problems = spec_problems(&[young, old]);
+        let problems = spec_problems(&[young.clone(), old.clone()]);
         assert_eq!(problems.keys().collect::<Vec<_>>(), ["aa-young"]);
+        // Without creation times (etcd), the pool the controller accepted is the older one,
+        // whatever the names say; with none accepted, a pool with a creation time is older.
+        let mut established = pool("z-established", cidr("10.1.0.0/16"));
+        established.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_ACCEPTED_CIDR.to_owned(),
+            "10.1.0.0/16".to_owned(),
+        )]));
+        let newcomer = pool("a-newcomer", cidr("10.1.8.0/24"));
+        let problems = spec_problems(&[newcomer.clone(), established]);
+        assert_eq!(problems.keys().collect::<Vec<_>>(), ["a-newcomer"]);
+        let problems = spec_problems(&[newcomer, old]);
+        assert_eq!(problems.keys().collect::<Vec<_>>(), ["a-newcomer"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use margay_ipam::pool::CONDITION_VALID;
 use std::collections::BTreeMap;
 use tracing::{info, warn};
 
-pub const ANNOTATION_CIDR: &str = "margay.io/accepted-cidr";
+pub const ANNOTATION_CIDR: &str = margay_ipam::pool::ANNOTATION_ACCEPTED_CIDR;
 pub const ANNOTATION_BLOCK_SIZE: &str = "margay.io/accepted-block-size";
 pub const CONDITION_OVERLAPPING: &str = "Overlapping";
 
@@ -115,10 +115,30 @@ fn conditions(f: &PoolFindings, old: &[Condition], now: u64) -> Vec<Condition> {
 }
 
 /// Checks every pool, each on its own, and writes its status conditions (and its
-/// accepted-field annotations) where they changed. One pool that is invalid, or that does not
-/// even decode, gets `Valid=False` with the reason and never stops the others. Returns the
-/// findings.
+/// accepted-field annotations) where they changed. One pool that is invalid, that does not
+/// even decode, or whose write fails, never stops the others: a failed write is logged, the
+/// remaining pools are checked, and the first such error is returned at the end (the pass
+/// counts as failed and is retried). Returns the findings.
 pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, StoreError> {
+    let mut first_error = None;
+    let findings = validate_each(store, now, &mut first_error).await?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(findings),
+    }
+}
+
+/// Keeps the first error of a write, logs every one.
+fn note_write_error(first: &mut Option<StoreError>, pool: &str, e: StoreError) {
+    warn!(pool = %pool, error = %e, "could not write the pool's annotations or status; checking the other pools");
+    first.get_or_insert(e);
+}
+
+async fn validate_each(
+    store: &Store,
+    now: u64,
+    first_error: &mut Option<StoreError>,
+) -> Result<Vec<PoolFindings>, StoreError> {
     let listed = store.list_lenient::<IPPool>().await?;
     let (blocks, _) = store.list::<IPAMBlock>().await?;
     let block_nets: Vec<IpNet> = blocks.iter().filter_map(|b| b.spec.network()).collect();
@@ -145,7 +165,9 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
             }),
         };
         warn!(pool = %raw.name, error = %err, "pool does not decode");
-        write_raw_status(store, raw, &findings, now).await?;
+        if let Err(e) = write_raw_status(store, raw, &findings, now).await {
+            note_write_error(first_error, &findings.name, e);
+        }
         out.push(findings);
     }
     for p in listed.items {
@@ -169,9 +191,12 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
         let accepted_cidr = ann.get(ANNOTATION_CIDR).cloned();
         let accepted_bs = ann.get(ANNOTATION_BLOCK_SIZE).cloned();
         let mut immutable_change = None;
-        // A pool whose fields are refused is never accepted: its annotations keep the last
-        // cidr and blockSize that were in force.
-        let mut accept = p.validate().is_ok() && (accepted_cidr.is_none() || accepted_bs.is_none());
+        // A pool that Margay refuses (its fields, or an overlap with an older pool) is never
+        // accepted: its annotations keep the last cidr and blockSize that were in force. That
+        // also keeps a new pool that overlaps an established one from ever looking older than
+        // it (see `margay_ipam::pool::spec_problems`).
+        let acceptable = !problems.contains_key(&name);
+        let mut accept = acceptable && (accepted_cidr.is_none() || accepted_bs.is_none());
         if let (Some(ac), Some(ab)) = (&accepted_cidr, &accepted_bs) {
             if *ac != p.spec.cidr || *ab != bs {
                 let old_net: Option<IpNet> = ac.parse().ok();
@@ -191,7 +216,7 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
                         what.join(" and ")
                     ));
                 } else {
-                    accept = p.validate().is_ok();
+                    accept = acceptable;
                 }
             }
         }
@@ -214,17 +239,23 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
                     out.push(findings);
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    note_write_error(first_error, &name, e);
+                    out.push(findings);
+                    continue;
+                }
             }
             info!(pool = %name, cidr = %current.spec.cidr, block_size = %bs, "accepted pool cidr and blockSize");
         }
         let old = current.status.clone().unwrap_or_default();
         let want = IPPoolStatus {
             conditions: conditions(&findings, &old.conditions, now),
-            block_size: findings
-                .invalid
-                .is_none()
-                .then(|| current.spec.effective_block_size()),
+            // The size in force: while a change of it is refused, the accepted one.
+            block_size: match (&findings.invalid, &findings.immutable_change) {
+                (Some(_), _) => None,
+                (None, Some(_)) => accepted_bs.as_deref().and_then(|b| b.parse().ok()),
+                (None, None) => Some(current.spec.effective_block_size()),
+            },
         };
         if !same_status(&old, &want) {
             if !findings.valid() || !findings.overlaps.is_empty() {
@@ -235,7 +266,7 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
             match store.update_status(&s).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() || e.is_not_found() => {}
-                Err(e) => return Err(e),
+                Err(e) => note_write_error(first_error, &name, e),
             }
         }
         out.push(findings);
@@ -245,9 +276,12 @@ pub async fn validate(store: &Store, now: u64) -> Result<Vec<PoolFindings>, Stor
 
 /// Equal but for transition times, which only change with a status.
 fn same_status(a: &IPPoolStatus, b: &IPPoolStatus) -> bool {
-    a.block_size == b.block_size
-        && a.conditions.len() == b.conditions.len()
-        && a.conditions.iter().zip(&b.conditions).all(|(x, y)| {
+    a.block_size == b.block_size && same_conditions(&a.conditions, &b.conditions)
+}
+
+fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
             x.type_ == y.type_
                 && x.status == y.status
                 && x.reason == y.reason
@@ -268,12 +302,7 @@ async fn write_raw_status(
         .and_then(|c| serde_json::from_value(c.clone()).ok())
         .unwrap_or_default();
     let want = conditions(f, &old, now);
-    let unchanged = old.len() == want.len()
-        && old
-            .iter()
-            .zip(&want)
-            .all(|(x, y)| x.type_ == y.type_ && x.status == y.status && x.message == y.message);
-    if unchanged {
+    if same_conditions(&old, &want) {
         return Ok(());
     }
     let mut value = raw.value;

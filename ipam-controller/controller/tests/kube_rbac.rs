@@ -177,13 +177,19 @@ async fn replicas_under_the_chart_service_account_validate_pools_and_fail_over()
             "overlaps the older pool(s) default-ipv4",
         ),
     ];
-    for (name, spec, _) in &bad {
+    // A server that runs CEL (v1.25 on) refuses some of them itself: those are left out.
+    // No schema or CEL rule sees host bits, so that one always gets through.
+    let mut bad = bad.to_vec();
+    bad.retain(|(name, spec, _)| {
         let yaml = format!(
             "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {{name: {name}}}\nspec: {spec}\n"
         );
-        run_kubectl(&admin, &["apply", "-f", "-"], &yaml)
-            .unwrap_or_else(|e| panic!("{name}: the v1.21 server should take it: {e}"));
-    }
+        match run_kubectl(&admin, &["apply", "-f", "-"], &yaml) {
+            Ok(_) => true,
+            Err(e) if e.to_string().contains("is invalid") && *name != "host-bits" => false,
+            Err(e) => panic!("{name}: {e}"),
+        }
+    });
 
     let mut a = Replica::start(&sa, "replica-a", dir.path());
     let first = wait_for("a leader", Duration::from_secs(30), || {
@@ -227,15 +233,15 @@ async fn replicas_under_the_chart_service_account_validate_pools_and_fail_over()
         "took over after {took:?}"
     );
     // And it works as leader: a pool fixed by the user turns valid.
-    let fixed = "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {name: block-33}\nspec: {cidr: 10.10.0.0/16, blockSize: 28}\n";
-    run_kubectl(&admin, &["apply", "-f", "-"], fixed).expect("fixing block-33");
+    let fixed = "apiVersion: margay.io/v1\nkind: IPPool\nmetadata: {name: host-bits}\nspec: {cidr: 10.9.0.0/16}\n";
+    run_kubectl(&admin, &["apply", "-f", "-"], fixed).expect("fixing host-bits");
     wait_for(
         "the fixed pool marked valid",
         Duration::from_secs(20),
         || {
             validity(&admin)
                 .into_iter()
-                .find(|(n, s, _, _)| n == "block-33" && s == "True")
+                .find(|(n, s, _, _)| n == "host-bits" && s == "True")
         },
     );
 

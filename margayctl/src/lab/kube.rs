@@ -266,7 +266,8 @@ pub fn install_chart(bin_dir: &Path, with_bgpd: bool) -> Result<()> {
     for sa in accounts {
         let token = kubectl(
             bin_dir,
-            &["create", "token", sa, "-n", NAMESPACE, "--duration=24h"],
+            // A month: the lab has no token refresher.
+            &["create", "token", sa, "-n", NAMESPACE, "--duration=720h"],
             "",
         )?;
         write_kubeconfig(sa, token.trim())?;

@@ -491,6 +491,10 @@ async fn up(
     }
     ensure_packages()?;
     let bin_dir = bin_dir(bin, router)?;
+    if datastore == Datastore::Kubernetes {
+        // Before anything is built: without an API server there is no lab to build.
+        kube::apiserver_binary()?;
+    }
     let nodes = plan::nodes(n_nodes);
     let mut st = LabState {
         nodes: nodes.iter().map(|n| n.name.clone()).collect(),
@@ -539,9 +543,6 @@ async fn up(
     let mut store = wait_etcd().await?;
     if datastore == Datastore::Kubernetes {
         step("starting kube-apiserver (RBAC) and installing the chart's CRDs, roles and ServiceAccounts");
-        if let Err(e) = kube::apiserver_binary() {
-            bail!("{e}");
-        }
         st.daemons.push(kube::start_apiserver()?);
         st.save()?;
         kube::wait_ready(&bin_dir)?;

@@ -707,74 +707,100 @@ async fn leader_failover(st: &mut LabState) -> Result<Outcome> {
 
 async fn invalid_pool(st: &mut LabState, store: &Store) -> Result<Outcome> {
     const NAME: &str = "invalid-ipv4";
-    const CIDR: &str = "10.246.0.0/16";
+    // Host bits set: no schema or CEL rule sees them, so every API server takes the pool, and
+    // Margay must refuse it itself.
+    const CIDR: &str = "10.246.0.1/16";
+    let net: ipnet::IpNet = "10.246.0.0/16".parse()?;
     let mut notes = Vec::new();
+    // A pool left by an interrupted run of this scenario goes first.
+    match store.get::<IPPool>(NAME).await {
+        Ok(p) => store.delete(&p).await?,
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
     // Through the datastore's own API (the API server in Kubernetes mode), around Margay's
     // client-side validation, as `kubectl apply` would write it.
     let value = serde_json::json!({
         "apiVersion": "margay.io/v1", "kind": "IPPool",
         "metadata": {"name": NAME},
-        "spec": {"cidr": CIDR, "blockSize": 33},
+        "spec": {"cidr": CIDR},
     });
-    match store
+    store
         .backend()
         .create(margay_api::Kind::IPPool, NAME, value)
-        .await
-    {
-        Err(e) => notes.push(format!("the datastore refused the pool: {e}")),
-        Ok(_) => {
-            let (reason, took) = wait_until(
-                "the controller marks the pool",
-                Duration::from_secs(30),
-                async || {
-                    let p = store.get::<IPPool>(NAME).await?;
-                    Ok(p.status
-                        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"))
-                        .filter(|c| c.status == "False")
-                        .map(|c| format!("{}: {}", c.reason, c.message)))
-                },
-            )
-            .await?;
-            ensure!(
-                reason.contains("spec.blockSize"),
-                "Valid=False, but for {reason}"
-            );
-            notes.push(format!(
-                "the API server took it (no CEL before v1.25); the controller marked it Valid=False {:.1} s later: {reason}",
-                took.as_secs_f64()
-            ));
-        }
-    }
-    let n = lab_nodes(st).remove(0);
-    let net: ipnet::IpNet = CIDR.parse()?;
+        .await?;
+    let result = invalid_pool_checks(st, store, NAME, &net, &mut notes).await;
+    let cleanup = match store.get::<IPPool>(NAME).await {
+        Ok(p) => store.delete(&p).await.map_err(anyhow::Error::from),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    };
+    result?;
+    cleanup?;
+    Ok(Outcome {
+        notes,
+        ..Default::default()
+    })
+}
+
+async fn invalid_pool_checks(
+    st: &mut LabState,
+    store: &Store,
+    name: &str,
+    net: &ipnet::IpNet,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let (reason, took) = wait_until(
+        "the controller marks the pool Valid=False",
+        Duration::from_secs(30),
+        async || {
+            let p = store.get::<IPPool>(name).await?;
+            Ok(p.status
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"))
+                .filter(|c| c.status == "False")
+                .map(|c| format!("{}: {}", c.reason, c.message)))
+        },
+    )
+    .await?;
+    ensure!(
+        reason.contains("spec.cidr"),
+        "Valid=False, but for {reason}"
+    );
+    notes.push(format!(
+        "the datastore took it; the controller marked it Valid=False {:.1} s later: {reason}",
+        took.as_secs_f64()
+    ));
     // A pod that asks for the pool is told which pool and why.
+    let n = lab_nodes(st).remove(0);
     let i = 300 + st.pods.iter().filter(|p| p.node == n.name).count() as u32;
-    let name = format!("pod-{}-picky", n.name);
+    let pod_name = format!("pod-{}-picky", n.name);
     let netns = plan::pod_netns(&n.name, i);
     super::add_netns(&netns)?;
     let picky = Pod {
-        name: name.clone(),
+        name: pod_name.clone(),
         namespace: "default".into(),
         node: n.name.clone(),
         node_netns: n.netns.clone(),
         netns: netns.clone(),
-        container_id: pods::container_id(&n.name, &name, 7),
+        container_id: pods::container_id(&n.name, &pod_name, 7),
         ip: None,
         echo: None,
     };
     let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
-    let asked = format!("[\"{NAME}\"]");
+    let asked = format!("[\"{name}\"]");
     let refused = if st.datastore == Datastore::Kubernetes {
-        kube::create_pod(
+        let r = match kube::create_pod(
             &st.bin_dir,
             "default",
-            &name,
+            &pod_name,
             &n.name,
             &[("margay.io/ipv4pools", &asked)],
-        )?;
-        let r = pods::cni(&st.bin_dir, "ADD", &picky, &state_dir, st.datastore);
-        kube::delete_pod(&st.bin_dir, "default", &name)?;
-        r
+        ) {
+            Ok(()) => pods::cni(&st.bin_dir, "ADD", &picky, &state_dir, st.datastore),
+            Err(e) => Err(e),
+        };
+        let deleted = kube::delete_pod(&st.bin_dir, "default", &pod_name);
+        r.and_then(|r| deleted.map(|()| r))
     } else {
         // etcd mode reads no annotations; the plugin's ipam.ipv4_pools asks instead.
         pods::cni_with_pools(
@@ -783,20 +809,21 @@ async fn invalid_pool(st: &mut LabState, store: &Store) -> Result<Outcome> {
             &picky,
             &state_dir,
             st.datastore,
-            &[NAME],
+            &[name],
         )
     };
+    // The namespace goes whatever happened above.
     proc::ip(&["netns", "del", &netns])?;
     match refused {
-        Ok(r) => bail!("a pod that asked for {NAME} got {r}"),
+        Ok(r) => bail!("a pod that asked for {name} got {r}"),
         Err(e) => {
             let e = format!("{e:#}");
             ensure!(
-                e.contains(NAME) && e.contains("spec.blockSize"),
+                e.contains(name) && e.contains("spec.cidr"),
                 "the error does not name the pool and the reason: {e}"
             );
             notes.push(format!(
-                "a pod asking for {NAME} was refused: {}",
+                "a pod asking for {name} was refused: {}",
                 e.lines().next().unwrap_or("")
             ));
         }
@@ -823,14 +850,8 @@ async fn invalid_pool(st: &mut LabState, store: &Store) -> Result<Outcome> {
         "addresses from the refused pool: {from_refused:?}"
     );
     notes.push(format!(
-        "{} got {ip}, and no address is allocated from {CIDR}",
+        "{} got {ip}, and no address is allocated from {net}",
         pod.name
     ));
-    if let Ok(p) = store.get::<IPPool>(NAME).await {
-        store.delete(&p).await?;
-    }
-    Ok(Outcome {
-        notes,
-        ..Default::default()
-    })
+    Ok(())
 }
