@@ -50,6 +50,7 @@ impl Lab {
         );
         let s = text(&out);
         assert!(s.contains("full reachability"), "{s}");
+        assert_nothing_forbidden();
         println!(
             "lab up {args:?}: {:.1} s\n{}",
             t.elapsed().as_secs_f64(),
@@ -63,8 +64,38 @@ impl Lab {
         let s = text(&out);
         assert!(out.status.success(), "scenario {name} failed:\n{s}");
         println!("{s}");
+        assert_nothing_forbidden();
         s
     }
+}
+
+/// On the Kubernetes datastore: the API server refused no request of a component running as
+/// its chart ServiceAccount (node agents, CNI plugin, controllers), per its audit log.
+fn assert_nothing_forbidden() {
+    let Ok(text) = std::fs::read_to_string("/run/margay-lab/kube/audit.log") else {
+        return; // etcd datastore: no API server
+    };
+    let refused: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .filter(|e| {
+            e["user"]["username"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("system:serviceaccount:margay-system:"))
+        })
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["user"]["username"], e["verb"], e["requestURI"]
+            )
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the API server refused the chart's ServiceAccounts:\n{}",
+        refused.join("\n")
+    );
 }
 
 impl Drop for Lab {

@@ -37,6 +37,11 @@ pub fn url() -> String {
     format!("https://{}:{PORT}", plan::INFRA_ADDR)
 }
 
+/// The API server's audit log: one JSON line per answered request.
+pub fn audit_log() -> PathBuf {
+    dir().join("audit.log")
+}
+
 /// The kubeconfig of a component (`admin`, `margay-node`, `margay-cni`,
 /// `margay-ipam-controller`).
 pub fn kubeconfig(who: &str) -> PathBuf {
@@ -170,7 +175,19 @@ pub fn start_apiserver() -> Result<proc::Daemon> {
         format!("--service-account-signing-key-file={}", key.display()),
         "--service-cluster-ip-range=10.96.0.0/16".into(),
         "--profiling=false".into(),
+        // Every request, once answered, to `audit.log`: a refusal (403) of any component
+        // shows there whatever the component did with it.
+        format!(
+            "--audit-policy-file={}",
+            d.join("audit-policy.yaml").display()
+        ),
+        format!("--audit-log-path={}", audit_log().display()),
+        "--audit-log-format=json".into(),
     ];
+    std::fs::write(
+        d.join("audit-policy.yaml"),
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\nrules:\n  - level: Metadata\n",
+    )?;
     let minor: Option<u32> = version
         .trim()
         .rsplit(' ')
