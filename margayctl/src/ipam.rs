@@ -50,7 +50,7 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         IpamCommand::Show { ip, output } => {
-            let snap = Snapshot::read(store).await?;
+            let snap = Snapshot::read_for_display(store).await?;
             print!("{}", show(&snap, *ip, *output)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -340,7 +340,9 @@ mod tests {
     #[tokio::test]
     async fn show_names_the_owner_of_an_address_and_lists_blocks() {
         let (store, ip) = setup().await;
-        let snap = Snapshot::read(&store).await.unwrap();
+        // What `ipam show` reads: no handles; blocks name their owners.
+        let snap = Snapshot::read_for_display(&store).await.unwrap();
+        assert!(snap.handles.is_empty());
         let s = show(&snap, Some(ip), Format::Table).unwrap();
         assert!(s.contains("handle    k8s-pod-network.abc"), "{s}");
         assert!(s.contains("pod       default/web"), "{s}");

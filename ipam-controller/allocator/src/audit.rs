@@ -25,6 +25,51 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// What `margayctl ipam show` needs, every kind read at once: pools, blocks, affinities
+    /// and reservations, in the time of the slowest listing rather than the sum. Handles are
+    /// not read (`handles` is empty: blocks name their owners), and the kinds may be read a
+    /// moment apart. Never for checks or collection: those use [`Snapshot::read`], which reads
+    /// everything, blocks before the handles they name.
+    pub async fn read_for_display(store: &Store) -> Result<Snapshot> {
+        let (pools, blocks, affinities, res) = tokio::try_join!(
+            async {
+                store
+                    .list_lenient::<IPPool>()
+                    .await
+                    .map_err(IpamError::store("list IPPools"))
+            },
+            async {
+                store
+                    .list::<IPAMBlock>()
+                    .await
+                    .map_err(IpamError::store("list IPAMBlocks"))
+            },
+            async {
+                store
+                    .list::<BlockAffinity>()
+                    .await
+                    .map_err(IpamError::store("list BlockAffinities"))
+            },
+            async {
+                store
+                    .list::<IPReservation>()
+                    .await
+                    .map_err(IpamError::store("list IPReservations"))
+            },
+        )?;
+        for (_, e) in &pools.undecodable {
+            tracing::warn!(error = %e, "leaving out an IP pool that does not decode");
+        }
+        Ok(Snapshot {
+            pools: pools.items,
+            blocks: blocks.0,
+            affinities: affinities.0,
+            handles: Vec::new(),
+            reserved: res.0.iter().flat_map(|r| r.spec.networks()).collect(),
+        })
+    }
+
+    /// Every kind, blocks read before the handles they name: what checks and collection rely on.
     pub async fn read(store: &Store) -> Result<Snapshot> {
         // A pool that does not decode is left out: the controller marks it, and nothing here
         // decides from pools what to release.
