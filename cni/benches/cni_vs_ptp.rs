@@ -145,8 +145,10 @@ struct KubeSide {
 
 impl Drop for KubeSide {
     fn drop(&mut self) {
-        // The thread stops the API server when the channel closes or says so.
-        let _ = self.stop.send(());
+        // The thread stops the API server when the channel says so (or closes).
+        if self.stop.send(()).is_err() {
+            eprintln!("the API server thread had ended before the benchmark did");
+        }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 eprintln!("the API server thread panicked while stopping");
@@ -209,7 +211,9 @@ fn start_kube(node: &Path, dir: &Path, pods: Vec<String>) -> Option<KubeSide> {
             api.write_kubeconfig(&kubeconfig, Some(&token)).unwrap();
             ready_tx.send(kubeconfig).unwrap();
             // Until the benchmark is done (a message, or the sender dropped).
-            let _ = stop_rx.recv();
+            if stop_rx.recv().is_err() {
+                eprintln!("the benchmark ended without saying stop; stopping the API server");
+            }
             drop(api);
         })
         .expect("entering the node namespace");
