@@ -14,8 +14,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The Kubernetes suites (datastore contract, chart and CRDs, controller and CNI plugin under
 # RBAC, the lab on Kubernetes) need a kube-apiserver, which no package registry ships
-# (docs/datastore.md). Say up front and in the summary whether they run; under CI=true a
-# missing one fails them.
+# (docs/datastore.md). Say up front whether they run (nextest's own summary stays the last
+# line); under CI=true a missing one fails them.
 kube_apiserver=${KUBE_APISERVER_BIN:-$(command -v kube-apiserver || true)}
 if [ -n "$kube_apiserver" ]; then
   kube_line="Kubernetes suites: run against $("$kube_apiserver" --version 2>/dev/null || echo "$kube_apiserver")"
@@ -26,4 +26,3 @@ echo "== $kube_line" >&2
 
 echo "== tests" >&2
 cargo nextest run --workspace --locked --profile ci
-echo "== $kube_line" >&2
