@@ -272,8 +272,52 @@ fn attachment_result(
     }
 }
 
-/// Holds the node's allocator lock while alive.
-struct IpamLock(#[allow(dead_code)] Flock<File>);
+/// Holds the node's allocator lock while alive. The lock file holds a count of the times the
+/// lock was released, so that a process can tell whether anyone held the lock between two
+/// moments (see [`lock_epoch_if_free`]); it is advanced when the lock is dropped.
+struct IpamLock(Flock<File>);
+
+impl IpamLock {
+    /// The release count in the lock file (0 for an empty or unreadable one).
+    fn count(f: &File) -> u64 {
+        use std::io::{Read, Seek};
+        let mut f = f;
+        let mut s = String::new();
+        if f.rewind().is_err() || f.read_to_string(&mut s).is_err() {
+            return 0;
+        }
+        s.trim().parse().unwrap_or(0)
+    }
+
+    fn epoch(&self) -> u64 {
+        Self::count(&self.0)
+    }
+}
+
+impl Drop for IpamLock {
+    fn drop(&mut self) {
+        use std::io::{Seek, Write};
+        let next = Self::count(&self.0).wrapping_add(1);
+        let mut f: &File = &self.0;
+        let written = f
+            .rewind()
+            .and_then(|()| f.set_len(0))
+            .and_then(|()| write!(f, "{next}"));
+        if let Err(e) = written {
+            // Only costs the next holder its prefetched blocks (they are read again).
+            warn!(error = %e, "cannot advance the IPAM lock's release count");
+        }
+    }
+}
+
+/// The lock's release count if no one holds the lock now; `None` if someone does. Equal to
+/// the count seen once the lock is taken, it says that no one held the lock in between: what
+/// was read meanwhile was not changed by another request of this node.
+fn lock_epoch_if_free(state: &StateDir) -> Option<u64> {
+    let f = state.lock_file().ok()?;
+    let held = Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()?;
+    Some(IpamLock::count(&held))
+}
 
 async fn lock_ipam(state: &StateDir) -> Result<IpamLock, CniError> {
     let f = state
@@ -297,11 +341,9 @@ fn allocator(store: &margay_api::Store, node: &str) -> Allocator {
     Allocator::new(
         store.clone(),
         node,
-        AllocatorConfig {
-            // One process, one request: nothing to reuse.
-            policy_ttl: Duration::ZERO,
-            ..AllocatorConfig::default()
-        },
+        // The default settings lifetime (2 s): the settings `prefetch` read before the node
+        // lock serve the request under it, unless the wait for the lock outlasted them.
+        AllocatorConfig::default(),
     )
 }
 
@@ -314,13 +356,11 @@ async fn release(
     handle: &str,
     ips: &[RecordedIp],
 ) -> Result<(), CniError> {
-    // Connect (and find out that the datastore is down) before taking the node lock.
-    store
-        .try_get::<IPAMConfig>(IPAM_CONFIG_NAME)
-        .await
-        .map_err(datastore::store_error)?;
-    let _lock = lock_ipam(state).await?;
+    // Connect (and find out that the datastore is down) and read the allocator's settings
+    // before taking the node lock.
     let alloc = allocator(store, node);
+    alloc.prefetch(&[]).await.map_err(datastore::ipam_error)?;
+    let _lock = lock_ipam(state).await?;
     if !ips.is_empty() && ips.iter().all(|r| r.seq.is_some()) {
         let req: Vec<(IpAddr, Option<u64>)> = ips.iter().map(|r| (r.ip, r.seq)).collect();
         let outcomes = alloc
@@ -561,13 +601,17 @@ impl Ctx {
                 _ => Ok(PodIpam::default()),
             }
         };
-        // The datastore connection is established by its first request: make that happen
-        // before the node lock, so that the lock is held only for the allocator's own round
-        // trips, and while the pod's annotations are read.
-        let connected = ds.store.try_get::<IPAMConfig>(IPAM_CONFIG_NAME);
-        let (pod, connected) = futures::join!(pod, connected);
+        // The allocator's settings and this node's affinities are read before the node lock
+        // (which also opens the datastore connection), while the pod's annotations are read:
+        // under the lock the allocator reads and writes only its block.
+        // With them, the blocks this node held at its last ADD, so that under the lock the
+        // allocator only writes, unless another request of this node held the lock meanwhile.
+        let alloc = allocator(&ds.store, &self.node);
+        let epoch = lock_epoch_if_free(&self.state);
+        let hint = self.state.block_hint();
+        let (pod, prefetched) = futures::join!(pod, alloc.prefetch(&hint));
         let pod = pod?;
-        connected.map_err(datastore::store_error)?;
+        prefetched.map_err(datastore::ipam_error)?;
         let addresses = self.requested_addresses(&pod)?;
         let v4_pools = pod.ipv4_pools.clone().unwrap_or(ipam.ipv4_pools.clone());
         let v6_pools = pod.ipv6_pools.clone().unwrap_or(ipam.ipv6_pools.clone());
@@ -623,8 +667,10 @@ impl Ctx {
                 ..base
             }]
         };
-        let _lock = lock_ipam(&self.state).await?;
-        let alloc = allocator(&ds.store, &self.node);
+        let lock = lock_ipam(&self.state).await?;
+        if epoch != Some(lock.epoch()) {
+            alloc.forget_prefetched_blocks().await;
+        }
         let mut out: Vec<RecordedIp> = Vec::new();
         for req in &reqs {
             match alloc.assign(req).await {
@@ -645,6 +691,8 @@ impl Ctx {
                 }
             }
         }
+        self.state.set_block_hint(&alloc.known_blocks().await);
+        drop(lock);
         Ok(out)
     }
 

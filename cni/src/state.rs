@@ -241,6 +241,25 @@ impl StateDir {
         n
     }
 
+    /// The node's blocks as the last ADD left them: the allocator reads them ahead of the
+    /// lock. A guess only: empty when missing or unreadable, and checked against the node's
+    /// affinities before use.
+    pub fn block_hint(&self) -> Vec<ipnet::IpNet> {
+        match fs::read_to_string(self.root.join("blocks")) {
+            Ok(s) => s.lines().filter_map(|l| l.trim().parse().ok()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Records the node's blocks for the next ADD's [`StateDir::block_hint`]. Not durable: a
+    /// lost or stale hint costs one read.
+    pub fn set_block_hint(&self, blocks: &[ipnet::IpNet]) {
+        let text: String = blocks.iter().map(|b| format!("{b}\n")).collect();
+        if let Err(e) = write_atomic(&self.root.join("blocks"), text.as_bytes(), false) {
+            tracing::debug!(error = %e, "cannot record this node's blocks for the next ADD");
+        }
+    }
+
     /// Opens (creating) the lock file of the node's allocator calls.
     pub fn lock_file(&self) -> std::io::Result<File> {
         fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, "create directory", e))?;
@@ -248,6 +267,7 @@ impl StateDir {
         OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&p)
             .map_err(|e| io_err(&p, "open", e))

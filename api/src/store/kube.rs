@@ -114,16 +114,17 @@ struct Reply {
 }
 
 /// A Kubernetes client for `config`, as kube's own but with `TCP_NODELAY` on its connections
-/// and HTTP/2 offered to the server.
+/// and, over TLS, HTTP/2 only.
 ///
 /// Without `TCP_NODELAY` a request written right after the TLS handshake waits for the ACK of
 /// the handshake's last segment (Nagle), which the API server delays by 40 ms: every
 /// short-lived client (the CNI plugin opens a connection per call) paid that on each
-/// connection. With HTTP/2, once a connection has negotiated it, the reads a caller sends at
-/// once share that connection instead of opening one each (requests sent together before the
-/// first handshake has finished may still open a connection each). The layers are kube's: base URI, authentication
-/// (token files are re-read as they rotate), extra headers, and connect, read and write
-/// timeouts.
+/// connection. HTTP/2 only (every kube-apiserver speaks it over TLS) lets the requests a caller
+/// sends at once wait for one connection and share it: with HTTP/2 merely offered, requests
+/// sent together before the first handshake had finished opened a connection and paid a
+/// handshake each. A plain `http://` server (a local proxy) is spoken to in HTTP/1.1. The
+/// layers are kube's: base URI, authentication (token files are re-read as they rotate),
+/// extra headers, and connect, read and write timeouts.
 pub fn client(config: kube::Config) -> Result<kube::Client, ClientError> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::ConfigExt;
@@ -141,7 +142,12 @@ pub fn client(config: kube::Config) -> Result<kube::Client, ClientError> {
             .map_err(|e| ClientError::ServerName(name.clone(), e.to_string()))?;
         tls = tls.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
     }
-    let https = tls.enable_http1().enable_http2().wrap_connector(http);
+    let tls_only_h2 = config.cluster_url.scheme_str() == Some("https");
+    let https = if tls_only_h2 {
+        tls.enable_http2().wrap_connector(http)
+    } else {
+        tls.enable_http1().wrap_connector(http)
+    };
     let mut timed = hyper_timeout::TimeoutConnector::new(https);
     timed.set_connect_timeout(config.connect_timeout);
     timed.set_read_timeout(config.read_timeout);
@@ -149,6 +155,7 @@ pub fn client(config: kube::Config) -> Result<kube::Client, ClientError> {
     timed.set_reset_reader_on_write(config.reset_reader_on_write);
     let transport =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(tls_only_h2)
             .build(timed);
     let retry = config
         .default_retry

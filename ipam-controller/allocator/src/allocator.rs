@@ -126,6 +126,9 @@ struct NodeState {
     /// This node's affinities, read with the policy when the blocks were not loaded yet (one
     /// round trip instead of two); taken by the block load that follows.
     affinities: Option<Vec<BlockAffinity>>,
+    /// Blocks read in the same batch by [`Allocator::prefetch`], by the caller's guess of this
+    /// node's blocks; they stand in for the block load when they cover the affinities.
+    hinted: Option<BTreeMap<IpNet, Option<IPAMBlock>>>,
 }
 
 /// The allocator of one node. Cheap to clone; clones share the cache and the node lock, so
@@ -218,6 +221,38 @@ impl Allocator {
         self.inner.cfg.max_attempts.max(1)
     }
 
+    /// Reads the settings (pools, IPAMConfig, reservations, the node's labels), this node's
+    /// affinities and the blocks `blocks` (the caller's guess of this node's blocks, from its
+    /// last request) now, in one batch, so that a request that follows within `policy_ttl`
+    /// reads no more than it must write.
+    ///
+    /// A caller that serialises requests with a lock of its own (the CNI plugin's per-node file
+    /// lock) calls this before taking it: the reads then happen while it waits, not while it
+    /// holds the lock. If another holder of that lock may have written meanwhile, the caller
+    /// calls [`Allocator::forget_prefetched_blocks`] once it holds the lock. Anything else that
+    /// changed a block since (another node borrowing, the controller) is caught by the
+    /// compare-and-swap of the write, which reads the block again. Affinities read this early
+    /// may miss a block another process claimed; a request that finds its known blocks full
+    /// reads them again before it claims one.
+    pub async fn prefetch(&self, blocks: &[IpNet]) -> Result<()> {
+        let mut st = self.inner.state.lock().await;
+        self.policy_with(&mut st, blocks).await.map(drop)
+    }
+
+    /// Drops the blocks [`Allocator::prefetch`] read: they are to be read again.
+    pub async fn forget_prefetched_blocks(&self) {
+        self.inner.state.lock().await.hinted = None;
+    }
+
+    /// The CIDRs of this node's blocks as last read or written (empty before a request).
+    pub async fn known_blocks(&self) -> Vec<IpNet> {
+        let st = self.inner.state.lock().await;
+        st.blocks
+            .as_ref()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Forgets cached blocks and settings; the next request reads them again.
     pub async fn invalidate(&self) {
         let mut st = self.inner.state.lock().await;
@@ -227,6 +262,11 @@ impl Allocator {
     // ===== policy =====
 
     async fn policy(&self, st: &mut NodeState) -> Result<Arc<Policy>> {
+        self.policy_with(st, &[]).await
+    }
+
+    /// [`Self::policy`], with the blocks `hint` in the same batch when the affinities are read.
+    async fn policy_with(&self, st: &mut NodeState, hint: &[IpNet]) -> Result<Arc<Policy>> {
         if let Some((at, p)) = &st.policy {
             if at.elapsed() < self.inner.cfg.policy_ttl {
                 return Ok(p.clone());
@@ -244,8 +284,12 @@ impl Allocator {
         if want_labels {
             reads = reads.get::<Node>(node);
         }
+        let hint: &[IpNet] = if want_affinities { hint } else { &[] };
         if want_affinities {
             reads = reads.list_prefix::<BlockAffinity>(&names::affinity_prefix(node));
+        }
+        for cidr in hint {
+            reads = reads.get::<IPAMBlock>(&names::block_name(cidr));
         }
         let what =
             "read the IP pools, IPAMConfig default, IPReservations, Node and BlockAffinities";
@@ -288,6 +332,14 @@ impl Allocator {
                 .list::<BlockAffinity>(i)
                 .map_err(IpamError::store(what))?;
             st.affinities = Some(affs.into_iter().filter(|a| a.spec.node == *node).collect());
+            let mut hinted = BTreeMap::new();
+            for (k, cidr) in hint.iter().enumerate() {
+                let b = set
+                    .get::<IPAMBlock>(i + 1 + k)
+                    .map_err(IpamError::store(format!("read block {cidr}")))?;
+                hinted.insert(*cidr, b);
+            }
+            st.hinted = (!hint.is_empty()).then_some(hinted);
         }
         let p = Arc::new(Policy {
             pools,
@@ -341,10 +393,46 @@ impl Allocator {
                 Some(a) => a,
                 None => self.my_affinities().await?,
             };
-            let blocks = self.load_blocks(policy, affs).await?;
+            let hinted = st.hinted.take();
+            let blocks = match hinted.and_then(|h| self.blocks_from_hint(&affs, h)) {
+                Some(b) => b,
+                None => self.load_blocks(policy, affs).await?,
+            };
             st.blocks = Some(blocks);
         }
         Ok(st.blocks.get_or_insert_with(BTreeMap::new))
+    }
+
+    /// This node's blocks from the prefetched ones, when they are exactly what the affinities
+    /// say this node holds, all confirmed; else `None`, and the blocks are loaded (which also
+    /// finishes interrupted claims).
+    fn blocks_from_hint(
+        &self,
+        affs: &[BlockAffinity],
+        mut hinted: BTreeMap<IpNet, Option<IPAMBlock>>,
+    ) -> Option<BTreeMap<IpNet, IPAMBlock>> {
+        let node = self.inner.node.as_str();
+        let mut out = BTreeMap::new();
+        let mut held = 0;
+        for a in affs {
+            if a.spec.node != node || a.spec.state == AffinityState::PendingDeletion {
+                continue;
+            }
+            if a.spec.state != AffinityState::Confirmed {
+                return None;
+            }
+            held += 1;
+            let cidr: IpNet = a.spec.cidr.parse().ok()?;
+            let b = hinted.remove(&cidr)??;
+            if b.spec.affine_node() != Some(node) {
+                return None;
+            }
+            if !b.spec.deleted {
+                out.insert(cidr, b);
+            }
+        }
+        // A guessed block this node no longer holds: the guess is stale; load properly.
+        (hinted.is_empty() && held > 0).then_some(out)
     }
 
     async fn load_blocks(
@@ -1143,12 +1231,67 @@ impl Allocator {
             }
         }
 
-        // 2. New blocks, while the node may hold more.
+        // 2. Blocks this node holds that the cache does not know: another process for this
+        // node (a CNI plugin, the node agent) claimed them after the cache was filled, or the
+        // affinities were read ahead of the caller's lock (`prefetch`). They come before a
+        // new claim, which would leave the node holding a block it does not need.
+        let known: HashSet<IpNet> = st
+            .blocks
+            .as_ref()
+            .map(|b| b.keys().copied().collect())
+            .unwrap_or_default();
+        let held_affs = self.my_affinities().await?;
+        // The node's block count for the first claim below, from the same read.
+        let mut held_now = Some(
+            held_affs
+                .iter()
+                .filter(|a| a.spec.state != AffinityState::PendingDeletion)
+                .count() as u32,
+        );
+        let unseen: Vec<BlockAffinity> = held_affs
+            .into_iter()
+            .filter(|a| {
+                a.spec.state != AffinityState::PendingDeletion
+                    && a.spec.cidr.parse::<IpNet>().is_ok_and(|c| {
+                        !known.contains(&c) && pools.iter().any(|p| p.net.contains(&c))
+                    })
+            })
+            .collect();
+        if !unseen.is_empty() {
+            for (cidr, blk) in self.load_blocks(policy, unseen).await? {
+                let Some(pv) = pools.iter().find(|p| p.net.contains(&cidr)) else {
+                    continue;
+                };
+                let want = n - out.len();
+                let got = self
+                    .alloc_in_block(
+                        st.blocks.as_mut(),
+                        Some(blk),
+                        &cidr,
+                        want,
+                        h,
+                        &req.attrs,
+                        pv,
+                        policy,
+                        BlockMode::Affine,
+                    )
+                    .await?;
+                out.extend(got);
+                if out.len() == n {
+                    return Ok(out);
+                }
+            }
+        }
+
+        // 3. New blocks, while the node may hold more.
         let mut limited = false;
         if policy.config.auto_allocate_blocks {
             for pv in &pools {
                 while out.len() < n {
-                    let held = self.blocks_held().await?;
+                    let held = match held_now.take() {
+                        Some(h) => h,
+                        None => self.blocks_held().await?,
+                    };
                     let max = policy.config.max_blocks_per_host;
                     if max > 0 && held >= max {
                         limited = true;
@@ -1185,7 +1328,7 @@ impl Allocator {
             }
         }
 
-        // 3. Borrow from other nodes' blocks.
+        // 4. Borrow from other nodes' blocks.
         if !strict {
             for pv in &pools {
                 let (blocks, _) = self

@@ -1029,3 +1029,114 @@ async fn without_atomic_commits_the_handle_is_written_before_the_block_and_after
     assert!(got.addresses[0].ip.to_string().starts_with("10.62.0."));
     assert_consistent(&store).await;
 }
+
+/// An allocator as the CNI plugin makes one: the node's labels read from its Node, settings
+/// kept long enough for the request that follows a prefetch.
+fn cni_like(store: &Store, node: &str, clock: &Clock) -> Allocator {
+    Allocator::new(
+        store.clone(),
+        node,
+        AllocatorConfig {
+            node_labels: None,
+            policy_ttl: std::time::Duration::from_secs(600),
+            clock: clock.clone(),
+            ..AllocatorConfig::default()
+        },
+    )
+}
+
+/// The CNI plugin's path: settings, affinities and the blocks it guesses this node holds are
+/// read in one batch before its lock; under the lock an allocation is then one commit. A
+/// guess that does not match the affinities (a block the node no longer holds) is not used.
+#[tokio::test]
+async fn a_prefetch_with_the_right_blocks_leaves_one_commit_and_a_wrong_guess_is_not_used() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.63.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let first = alloc(&store, "n1", &clock);
+    first.assign(&v4("h0", 1)).await.unwrap();
+    let known = first.known_blocks().await;
+    assert_eq!(known, vec!["10.63.0.0/26".parse().unwrap()]);
+
+    let next = cni_like(&store, "n1", &clock);
+    rec.take();
+    next.prefetch(&known).await.unwrap();
+    next.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        vec![
+            "read [list IPPool *, get IPAMConfig default, list IPReservation *, get Node n1, list BlockAffinity n1-*, get IPAMBlock 10-63-0-0-26]".to_string(),
+            format!(
+                "commit [create IPAMHandle {}, update IPAMBlock 10-63-0-0-26]",
+                names::handle_name("h1")
+            ),
+        ]
+    );
+
+    // A guess naming a block this node does not hold: the blocks are loaded from the
+    // affinities instead.
+    let wrong = cni_like(&store, "n1", &clock);
+    rec.take();
+    wrong
+        .prefetch(&["10.63.0.64/26".parse().unwrap()])
+        .await
+        .unwrap();
+    let got = wrong.assign(&v4("h2", 1)).await.unwrap();
+    assert!(
+        "10.63.0.0/26"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&got.addresses[0].ip),
+        "{got:?}"
+    );
+    let log = rec.take();
+    assert!(
+        log.contains(&"read [get IPAMBlock 10-63-0-0-26]".to_string()),
+        "{log:#?}"
+    );
+
+    // Told that the prefetched blocks may be stale, it reads them again.
+    let told = cni_like(&store, "n1", &clock);
+    told.prefetch(&known).await.unwrap();
+    told.forget_prefetched_blocks().await;
+    rec.take();
+    told.assign(&v4("h3", 1)).await.unwrap();
+    assert_eq!(
+        rec.take()[0],
+        "read [get IPAMBlock 10-63-0-0-26]",
+        "the block is read again under the caller's lock"
+    );
+    assert_consistent(&store).await;
+}
+
+/// Affinities read ahead of the caller's lock can miss a block another process of the node
+/// claimed meanwhile. Finding its known blocks full, the allocator uses that block rather
+/// than claim another.
+#[tokio::test]
+async fn a_block_claimed_by_another_process_meanwhile_is_used_not_a_new_one() {
+    let store = store_with(&[pool("p", "10.64.0.0/24", Some(30))]).await;
+    let clock = Clock::manual(1_000_000);
+    let early = cni_like(&store, "n1", &clock);
+    let other = alloc(&store, "n1", &clock);
+    // The other process fills the first block (a /30: four addresses).
+    for i in 0..4 {
+        other.assign(&v4(&format!("o{i}"), 1)).await.unwrap();
+    }
+    early.prefetch(&other.known_blocks().await).await.unwrap();
+    // Meanwhile the other process claims a second block.
+    other.assign(&v4("o4", 1)).await.unwrap();
+    let blocks = other.known_blocks().await;
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+
+    let got = early.assign(&v4("e0", 1)).await.unwrap();
+    assert!(
+        blocks[1].contains(&got.addresses[0].ip),
+        "the second block, not a third: {got:?}"
+    );
+    let (affs, _) = store.list::<BlockAffinity>().await.unwrap();
+    assert_eq!(affs.len(), 2, "no third block: {affs:#?}");
+    assert_consistent(&store).await;
+}
