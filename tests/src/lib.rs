@@ -43,3 +43,28 @@ pub fn skipped(suite: &str, why: &str) {
         panic!("could not say that {suite} was skipped: {e}");
     }
 }
+
+/// `GET path` from the HTTP endpoint at `addr` (one request, connection closed after it):
+/// the status code and the body. For the health and metrics endpoints of Margay's daemons.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    // One write: the daemons answer from their first read.
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{raw:?}"));
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .ok_or_else(bad)?;
+    Ok((code, body))
+}

@@ -32,8 +32,18 @@ pub enum LeaderError {
 /// One way of electing a leader.
 #[async_trait]
 pub trait LeaderElector: Send {
+    /// One attempt to lead: `true` when this replica now holds leadership, `false` when
+    /// another replica does.
+    async fn try_acquire(&mut self) -> Result<bool, LeaderError>;
+    /// How long to wait between attempts while another replica leads.
+    fn retry_interval(&self) -> Duration;
     /// Waits until this replica is the leader.
-    async fn acquire(&mut self) -> Result<(), LeaderError>;
+    async fn acquire(&mut self) -> Result<(), LeaderError> {
+        while !self.try_acquire().await? {
+            tokio::time::sleep(self.retry_interval()).await;
+        }
+        Ok(())
+    }
     /// Extends the leadership; `false` when it was lost (another replica may lead now).
     async fn renew(&mut self) -> Result<bool, LeaderError>;
     /// Gives leadership up, so another replica takes over without waiting for expiry.
@@ -90,40 +100,45 @@ impl EtcdLeaderElector {
 
 #[async_trait]
 impl LeaderElector for EtcdLeaderElector {
-    async fn acquire(&mut self) -> Result<(), LeaderError> {
-        loop {
-            let lease = self
+    async fn try_acquire(&mut self) -> Result<bool, LeaderError> {
+        let lease = self
+            .client
+            .lease_grant(self.ttl, None)
+            .await
+            .map_err(self.err())?
+            .id();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.key.clone(),
+                self.identity.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let won = self.client.txn(txn).await.map_err(self.err())?.succeeded();
+        if won {
+            let keeper = self
                 .client
-                .lease_grant(self.ttl, None)
+                .lease_keep_alive(lease)
                 .await
-                .map_err(self.err())?
-                .id();
-            let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    self.key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then(vec![TxnOp::put(
-                    self.key.clone(),
-                    self.identity.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let won = self.client.txn(txn).await.map_err(self.err())?.succeeded();
-            if won {
-                let keeper = self
-                    .client
-                    .lease_keep_alive(lease)
-                    .await
-                    .map_err(self.err())?;
-                self.lease = Some(lease);
-                self.keeper = Some(keeper);
-                info!(identity = %self.identity, key = %self.key, "became leader (etcd lease)");
-                return Ok(());
-            }
-            let _ = self.client.lease_revoke(lease).await;
-            tokio::time::sleep(Duration::from_secs((self.ttl as u64 / 3).max(1))).await;
+                .map_err(self.err())?;
+            self.lease = Some(lease);
+            self.keeper = Some(keeper);
+            info!(identity = %self.identity, key = %self.key, "became leader (etcd lease)");
+            return Ok(true);
         }
+        // The unused lease would expire by itself after its TTL; revoking it keeps etcd tidy.
+        if let Err(e) = self.client.lease_revoke(lease).await {
+            warn!(error = %e, lease, "could not revoke an unused etcd lease; it expires after its TTL");
+        }
+        Ok(false)
+    }
+
+    fn retry_interval(&self) -> Duration {
+        Duration::from_secs((self.ttl as u64 / 3).max(1))
     }
 
     async fn renew(&mut self) -> Result<bool, LeaderError> {
@@ -148,7 +163,9 @@ impl LeaderElector for EtcdLeaderElector {
     async fn release(&mut self) {
         self.keeper = None;
         if let Some(lease) = self.lease.take() {
-            let _ = self.client.lease_revoke(lease).await;
+            if let Err(e) = self.client.lease_revoke(lease).await {
+                warn!(error = %e, lease, "could not revoke the leader lease; a standby takes over when it expires");
+            }
         }
     }
 
@@ -264,14 +281,16 @@ impl KubeLeaderElector {
 
 #[async_trait]
 impl LeaderElector for KubeLeaderElector {
-    async fn acquire(&mut self) -> Result<(), LeaderError> {
-        loop {
-            if self.try_take(false).await? {
-                info!(identity = %self.identity, lease = %format!("{}/{}", self.namespace, self.name), "became leader (Lease)");
-                return Ok(());
-            }
-            tokio::time::sleep(self.renew_interval()).await;
+    async fn try_acquire(&mut self) -> Result<bool, LeaderError> {
+        let won = self.try_take(false).await?;
+        if won {
+            info!(identity = %self.identity, lease = %format!("{}/{}", self.namespace, self.name), "became leader (Lease)");
         }
+        Ok(won)
+    }
+
+    fn retry_interval(&self) -> Duration {
+        self.renew_interval()
     }
 
     async fn renew(&mut self) -> Result<bool, LeaderError> {
@@ -283,16 +302,29 @@ impl LeaderElector for KubeLeaderElector {
     }
 
     async fn release(&mut self) {
-        if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
-            if let Some(spec) = lease.spec.as_mut() {
-                if spec.holder_identity.as_deref() == Some(self.identity.as_str()) {
-                    spec.holder_identity = None;
-                    let _ = self
-                        .api
-                        .replace(&self.name, &PostParams::default(), &lease)
-                        .await;
-                }
+        // Best effort: if it fails, the Lease expires after its duration and a standby takes
+        // over then.
+        let mut lease = match self.api.get_opt(&self.name).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "could not read the Lease to release it; a standby takes over when it expires");
+                return;
             }
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        if let Err(e) = self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            warn!(error = %e, "could not release the Lease; a standby takes over when it expires");
         }
     }
 

@@ -4,10 +4,12 @@
 //! - [`pools`]: pool validation (overlaps, immutable fields) into status conditions.
 //! - [`leader`]: leader election (etcd lease or Kubernetes Lease).
 //! - [`live`]: liveness from the Kubernetes API (pods, nodes) for Kubernetes mode.
-//! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`metrics`]: Prometheus metrics and the endpoint that serves them with [`health`].
+//! - [`health`]: readiness (role, datastore) and liveness (main loop progress).
 //! - [`Controller`]: one reconcile pass of all of it.
 
 pub mod gc;
+pub mod health;
 pub mod leader;
 pub mod live;
 pub mod metrics;

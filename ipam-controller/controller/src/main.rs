@@ -10,6 +10,7 @@ use margay_api::store::kube::KubeBackend;
 use margay_api::{parse_duration, DatastoreConfig, Store};
 use margay_ipam::Clock;
 use margay_ipam_controller::gc::{GcConfig, LiveSource, StoreLiveness};
+use margay_ipam_controller::health::{Health, Role};
 use margay_ipam_controller::leader::{EtcdLeaderElector, KubeLeaderElector, LeaderElector};
 use margay_ipam_controller::live::KubeLiveness;
 use margay_ipam_controller::metrics::{self, Metrics};
@@ -107,6 +108,17 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let opts = Options::parse(std::env::args().skip(1))?;
     let ds = DatastoreConfig::from_env().context("reading the datastore configuration")?;
+    // The endpoints answer from the start: not ready while connecting.
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(Health::stall_limit_for(
+        opts.interval,
+        opts.lease_duration,
+    )));
+    let listener = tokio::net::TcpListener::bind(&opts.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint to {}", opts.metrics_addr))?;
+    info!(addr = %opts.metrics_addr, "serving /metrics, /livez and /readyz");
+    tokio::spawn(metrics::serve(listener, metrics.clone(), health.clone()));
     let (store, mut elector, live): (Store, Box<dyn LeaderElector>, Box<dyn LiveSource>) = match &ds
     {
         DatastoreConfig::Etcd(cfg) => {
@@ -159,12 +171,6 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     tokio::pin!(stop);
-    let metrics = Arc::new(Metrics::default());
-    let listener = tokio::net::TcpListener::bind(&opts.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint to {}", opts.metrics_addr))?;
-    info!(addr = %opts.metrics_addr, "serving /metrics and /healthz");
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
 
     let mut controller = Controller::new(
         store,
@@ -178,23 +184,48 @@ async fn run() -> anyhow::Result<()> {
     );
     info!(identity = %opts.identity, interval = ?opts.interval, gc_grace = ?opts.gc_grace, "starting");
     loop {
-        tokio::select! {
-            r = elector.acquire() => if let Err(e) = r {
-                warn!(error = %e, "leader election failed; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            },
+        // A standby: one attempt to lead per retry interval.
+        let attempt = tokio::select! {
+            r = elector.try_acquire() => r,
             _ = &mut stop => return Ok(()),
+        };
+        match attempt {
+            Ok(true) => {}
+            Ok(false) => {
+                health.report(Role::Standby, Ok(()));
+                tokio::select! {
+                    _ = tokio::time::sleep(elector.retry_interval()) => {}
+                    _ = &mut stop => return Ok(()),
+                }
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "leader election failed; retrying");
+                health.report(health.role(), Err(e.to_string()));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = &mut stop => return Ok(()),
+                }
+                continue;
+            }
         }
         metrics.set_leader(true);
+        health.report(Role::Leader, Ok(()));
         let mut next_pass = Instant::now();
+        let mut last_pass: Result<(), String> = Ok(());
         loop {
             if Instant::now() >= next_pass {
-                if let Err(e) = controller.pass(live.as_ref()).await {
-                    warn!(error = %format!("{e:#}"), "pass failed");
+                last_pass = controller
+                    .pass(live.as_ref())
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("the last pass failed: {e:#}"));
+                if let Err(e) = &last_pass {
+                    warn!(error = %e, "pass failed");
                 }
                 next_pass = Instant::now() + opts.interval;
             }
+            health.report(Role::Leader, last_pass.clone());
             tokio::select! {
                 _ = tokio::time::sleep(elector.renew_interval()) => {}
                 _ = &mut stop => {
@@ -204,9 +235,13 @@ async fn run() -> anyhow::Result<()> {
             }
             match elector.renew().await {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    health.report(Role::Standby, Ok(()));
+                    break;
+                }
                 Err(e) => {
                     warn!(error = %e, "renewing leadership failed; stepping down");
+                    health.report(Role::Standby, Err(e.to_string()));
                     break;
                 }
             }

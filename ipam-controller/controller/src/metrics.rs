@@ -1,7 +1,8 @@
 //! Prometheus metrics in the text exposition format, served over a minimal HTTP endpoint
-//! (`/metrics`, `/healthz`), without a web framework.
+//! (`/metrics`, `/livez`, `/readyz`), without a web framework.
 
 use crate::gc::GcReason;
+use crate::health::Health;
 use margay_ipam::audit::{self, Snapshot};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -151,13 +152,25 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+/// Serves `/metrics`, `/livez` (and its older name `/healthz`) and `/readyz` on `listener`
+/// until the task is dropped. A probe that fails gets 503 with the reason as its body.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    health: std::sync::Arc<Health>,
+) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of descriptors and the like: say so, and do not spin.
+                tracing::warn!(error = %e, "the metrics endpoint could not accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let n =
@@ -165,20 +178,28 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
                     .await
                 {
                     Ok(Ok(n)) => n,
+                    // A client that sends nothing, or goes away: nothing to answer.
                     _ => return,
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let probe = |r: Result<String, String>| match r {
+                Ok(body) => ("200 OK", "text/plain", format!("{body}\n")),
+                Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+            };
             let (status, ctype, body) = match path {
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                "/healthz" | "/livez" | "/readyz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/healthz" | "/livez" => probe(health.live().map(|()| "ok".to_owned())),
+                "/readyz" => probe(health.ready().map(str::to_owned)),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                tracing::debug!(error = %e, path, "could not answer a request to the metrics endpoint");
+            }
         });
     }
 }
