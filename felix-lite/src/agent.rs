@@ -37,7 +37,7 @@ use margay_kernel::{
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,7 @@ pub struct Metrics {
     pub reconcile_errors: AtomicU64,
     pub skipped_prefixes: AtomicU64,
     pub bgp_sessions_established: AtomicU64,
+    pub bgp_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -117,8 +118,14 @@ impl Metrics {
             (
                 "margay_node_bgp_sessions_established",
                 "gauge",
-                "BGP sessions in Established state.",
+                "BGP sessions in Established state (0 when the speaker does not answer).",
                 g(&self.bgp_sessions_established),
+            ),
+            (
+                "margay_node_bgp_errors_total",
+                "counter",
+                "Failed calls to the BGP speaker (peers, announcements, state) and restarts of it.",
+                g(&self.bgp_errors),
             ),
         ] {
             out.push_str(&format!(
@@ -129,29 +136,112 @@ impl Metrics {
     }
 }
 
+/// Consecutive failed reconciles after which the agent reports itself not ready.
+pub const NOT_READY_AFTER_FAILURES: u32 = 3;
+
 /// Liveness and readiness, shared with the HTTP endpoints.
+///
+/// - Live: a reconcile succeeded within the stall limit (three resync intervals, at least
+///   30 s). Failed reconciles and a hung loop do not move it.
+/// - Ready: the first reconcile succeeded, every informer follows the datastore, fewer than
+///   [`NOT_READY_AFTER_FAILURES`] reconciles in a row failed, and, with BGP on, the speaker
+///   and its route stream are running. Each comes back by itself when its cause is gone.
 #[derive(Debug)]
 pub struct Health {
-    ready: AtomicBool,
-    /// When the loop last went round, for liveness.
+    /// When a reconcile last succeeded, for liveness.
     heartbeat: Mutex<Instant>,
-    /// The longest the loop may stay silent and still be live.
+    /// The longest the agent may go without a successful reconcile and still be live.
     stall_limit: Duration,
-    last_error: Mutex<Option<String>>,
+    state: Mutex<HealthState>,
+    /// The informers, whose failures make the agent not ready.
+    datastore: Vec<margay_api::store::informer::InformerHealth>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    synced: bool,
+    failures: u32,
+    last_error: Option<String>,
+    /// Why BGP is not working, when it is on and is not.
+    bgp: Option<String>,
 }
 
 impl Health {
-    fn new(resync: Duration) -> Health {
+    fn new(
+        resync: Duration,
+        datastore: Vec<margay_api::store::informer::InformerHealth>,
+    ) -> Health {
         Health {
-            ready: AtomicBool::new(false),
             heartbeat: Mutex::new(Instant::now()),
             stall_limit: (resync * 3).max(Duration::from_secs(30)),
-            last_error: Mutex::new(None),
+            state: Mutex::new(HealthState::default()),
+            datastore,
         }
     }
 
-    fn beat(&self) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reconciled(&self) {
         *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let mut st = self.lock();
+        st.synced = true;
+        st.failures = 0;
+        st.last_error = None;
+    }
+
+    fn reconcile_failed(&self, e: String) {
+        let mut st = self.lock();
+        st.failures = st.failures.saturating_add(1);
+        st.last_error = Some(e);
+    }
+
+    fn set_bgp(&self, problem: Option<String>) {
+        self.lock().bgp = problem;
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn ready(&self) -> Result<(), String> {
+        let st = self.lock();
+        if !st.synced {
+            return Err(st
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the first reconcile has not finished".into()));
+        }
+        for d in &self.datastore {
+            d.check().map_err(|e| format!("datastore: {e}"))?;
+        }
+        if st.failures >= NOT_READY_AFTER_FAILURES {
+            return Err(format!(
+                "{} reconciles in a row failed; the last: {}",
+                st.failures,
+                st.last_error.as_deref().unwrap_or("?")
+            ));
+        }
+        if let Some(e) = &st.bgp {
+            return Err(format!("BGP: {e}"));
+        }
+        Ok(())
+    }
+
+    /// `Ok` while reconciles succeed, else for how long none has.
+    pub fn live(&self) -> Result<(), String> {
+        let since = self
+            .heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if since > self.stall_limit {
+            Err(format!(
+                "no reconcile has succeeded for {} s (limit {} s)",
+                since.as_secs(),
+                self.stall_limit.as_secs()
+            ))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -163,31 +253,11 @@ pub struct Status {
 
 impl crate::http::Endpoints for Status {
     fn live(&self) -> Result<(), String> {
-        let since = self
-            .health
-            .heartbeat
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed();
-        if since > self.health.stall_limit {
-            Err(format!("the agent's loop has not run for {since:?}"))
-        } else {
-            Ok(())
-        }
+        self.health.live()
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.health.ready.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(self
-                .health
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "not synced with the datastore yet".into()))
-        }
+        self.health.ready()
     }
 
     fn metrics(&self) -> String {
@@ -215,6 +285,17 @@ impl View {
             bgp_peers: Informer::spawn(store.clone()),
             blocks: Informer::spawn(store.clone()),
         }
+    }
+
+    fn health(&self) -> Vec<margay_api::store::informer::InformerHealth> {
+        vec![
+            self.pools.health(),
+            self.affinities.health(),
+            self.nodes.health(),
+            self.bgp_configs.health(),
+            self.bgp_peers.health(),
+            self.blocks.health(),
+        ]
     }
 
     async fn wait_synced(&self) {
@@ -256,6 +337,9 @@ pub struct Agent {
     k8s_labels_read: Instant,
     /// The embedded BGP speaker, when BGP is enabled.
     bgp: Option<crate::bgp::BgpDriver>,
+    /// The speaker stopped (a call found it gone, or its route stream ended): the next BGP
+    /// sync starts it again.
+    speaker_stopped: bool,
     best_routes: Option<margay_bgp::BestRouteStream>,
     /// The routes the last pass programmed: one of them missing from the kernel now is drift
     /// (a repair), not a change of intent.
@@ -299,8 +383,8 @@ impl Agent {
         write_file_atomic(&cfg.node_name_file, &node)?;
         let store = cfg.datastore.connect().await?;
         let metrics = Arc::new(Metrics::default());
-        let health = Arc::new(Health::new(cfg.resync_interval));
         let view = View::spawn(&store);
+        let health = Arc::new(Health::new(cfg.resync_interval, view.health()));
         tracing::info!(node = %node, "waiting for the datastore sync");
         view.wait_synced().await;
         let address = match &cfg.ipv4 {
@@ -339,6 +423,7 @@ impl Agent {
             k8s_labels: None,
             k8s_labels_read: Instant::now(),
             bgp: None,
+            speaker_stopped: false,
             best_routes: None,
         };
         let mut agent = agent;
@@ -400,16 +485,44 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Address(format!("starting the BGP speaker: {e}")))?;
         tracing::info!(asn, router_id = %router_id, port, restarting = !ours.is_empty(), "BGP speaker started");
-        self.bgp = Some(crate::bgp::BgpDriver::new(
-            handle,
-            Some(crate::bgp::origin_tag(asn, router_id)),
-        ));
+        let tag = Some(crate::bgp::origin_tag(asn, router_id));
+        self.bgp = Some(match self.bgp.take() {
+            // A restart: keep what the stopped speaker learned for the restart time.
+            Some(old) => crate::bgp::BgpDriver::restarted(
+                handle,
+                tag,
+                old,
+                Duration::from_secs(u64::from(restart_time)),
+            ),
+            None => crate::bgp::BgpDriver::new(handle, tag),
+        });
         self.best_routes = Some(stream);
         Ok(())
     }
 
-    /// Brings the speaker's peers and announcements in line with the cluster.
-    async fn sync_bgp(&mut self) {
+    /// Brings the speaker's peers and announcements in line with the cluster, starting the
+    /// speaker again if it stopped. Every failure is logged, counted
+    /// (`margay_node_bgp_errors_total`) and shown by readiness; the caller tries again with
+    /// back-off.
+    async fn sync_bgp(&mut self) -> Result<(), String> {
+        if !self.cfg.bgp_enabled {
+            return Ok(());
+        }
+        if self.speaker_stopped {
+            if let Some(old) = &self.bgp {
+                // Frees its port if it still runs (its route stream may have ended alone).
+                match old.handle.stop("restarting the speaker").await {
+                    Ok(()) | Err(margay_bgp::SpeakerError::Stopped) => {}
+                    Err(e) => tracing::warn!(error = %e, "stopping the old BGP speaker"),
+                }
+            }
+            if let Err(e) = self.start_bgp().await {
+                let m = format!("the BGP speaker stopped and could not be started again: {e}");
+                return Err(self.bgp_failed(m, 1));
+            }
+            self.speaker_stopped = false;
+            tracing::info!("BGP speaker started again");
+        }
         let labels = self
             .view
             .nodes
@@ -432,26 +545,66 @@ impl Agent {
         let local = self.local_blocks();
         let borrowed = self.borrowed_addresses();
         let pools = self.view.pools.snapshot();
-        let Some(bgp) = self.bgp.as_mut() else { return };
-        bgp.set_peers(want).await;
-        bgp.set_announcements(crate::bgp::announcements(&local, &borrowed, &pools));
-        if let Ok(peers) = bgp.handle.peers().await {
-            let up = peers.iter().filter(|p| p.state == "Established").count();
-            self.metrics
-                .bgp_sessions_established
-                .store(up as u64, Ordering::Relaxed);
-            let states: Vec<margay_api::BGPPeerState> = peers
-                .iter()
-                .map(|p| margay_api::BGPPeerState {
-                    peer_ip: p.address.to_string(),
-                    state: p.state.clone(),
-                    since: None,
-                    prefixes_received: p.prefixes_accepted as u64,
-                    prefixes_advertised: p.prefixes_advertised as u64,
-                })
-                .collect();
+        // BGP on without an IPv4 address: start_bgp said so; nothing to drive.
+        let Some(bgp) = self.bgp.as_mut() else {
+            self.health.set_bgp(None);
+            return Ok(());
+        };
+        let mut problems = crate::bgp::SyncProblems::default();
+        bgp.set_peers(want, &mut problems).await;
+        let announce = crate::bgp::announcements(&local, &borrowed, &pools)
+            .into_iter()
+            .map(|n| (n, crate::bgp::communities_for(&n, config.as_ref())))
+            .collect();
+        bgp.set_announcements(announce, &mut problems);
+        let mut states = None;
+        match bgp.handle.peers().await {
+            Ok(peers) => {
+                let up = peers.iter().filter(|p| p.state == "Established").count();
+                self.metrics
+                    .bgp_sessions_established
+                    .store(up as u64, Ordering::Relaxed);
+                states = Some(
+                    peers
+                        .iter()
+                        .map(|p| margay_api::BGPPeerState {
+                            peer_ip: p.address.to_string(),
+                            state: p.state.clone(),
+                            since: None,
+                            prefixes_received: p.prefixes_accepted as u64,
+                            prefixes_advertised: p.prefixes_advertised as u64,
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Err(e) => {
+                // No answer: no session is known to be up.
+                self.metrics
+                    .bgp_sessions_established
+                    .store(0, Ordering::Relaxed);
+                problems.add("reading the peers' state".into(), e);
+            }
+        }
+        if let Some(states) = states {
             self.publish_bgp_status(states).await;
         }
+        if problems.stopped {
+            self.speaker_stopped = true;
+        }
+        if problems.is_empty() {
+            self.health.set_bgp(None);
+            return Ok(());
+        }
+        let n = problems.errors.len() as u64;
+        Err(self.bgp_failed(problems.summary(), n))
+    }
+
+    /// Logs, counts and shows a BGP failure; returns its message.
+    fn bgp_failed(&self, message: String, count: u64) -> String {
+        tracing::warn!(error = %message, "BGP");
+        self.metrics.bgp_errors.fetch_add(count, Ordering::Relaxed);
+        self.health.set_bgp(Some(message.clone()));
+        message
     }
 
     /// The secret values the BGP resources refer to: from files `<dir>/<secret>/<key>` (a
@@ -586,8 +739,8 @@ impl Agent {
 
     /// The routes to program for other nodes' pods: learned over BGP, or from the datastore
     /// when BGP is off.
-    fn remote_routes(&self) -> Vec<RemoteRoute> {
-        match &self.bgp {
+    fn remote_routes(&mut self) -> Vec<RemoteRoute> {
+        match &mut self.bgp {
             Some(b) => b.remote_routes(),
             None => self.datastore_routes(),
         }
@@ -897,7 +1050,15 @@ impl Agent {
 
     /// Brings the kernel in line with the cluster. Safe to run any number of times.
     pub async fn reconcile(&mut self, remote: &[RemoteRoute]) -> Result<(), AgentError> {
-        self.health.beat();
+        let r = self.reconcile_once(remote).await;
+        match &r {
+            Ok(()) => self.health.reconciled(),
+            Err(e) => self.health.reconcile_failed(e.to_string()),
+        }
+        r
+    }
+
+    async fn reconcile_once(&mut self, remote: &[RemoteRoute]) -> Result<(), AgentError> {
         self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
         // Kubernetes mode: follow label changes of the Kubernetes Node, once per resync interval.
         if self.k8s_labels.is_some() && self.k8s_labels_read.elapsed() >= self.cfg.resync_interval {
@@ -1084,15 +1245,7 @@ impl Agent {
         }
         match first_err {
             Some(e) => Err(e.into()),
-            None => {
-                self.health.ready.store(true, Ordering::SeqCst);
-                *self
-                    .health
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
-                Ok(())
-            }
+            None => Ok(()),
         }
     }
 
@@ -1131,8 +1284,23 @@ impl Agent {
         let mut ticker = tokio::time::interval(self.cfg.resync_interval);
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
+        // BGP failures are retried on their own back-off, 200 ms doubling to 30 s.
+        let mut bgp_backoff = Duration::from_millis(200);
         loop {
-            self.sync_bgp().await;
+            let bgp_retry = match self.sync_bgp().await {
+                Ok(()) => {
+                    bgp_backoff = Duration::from_millis(200);
+                    None
+                }
+                Err(_) => {
+                    let at = tokio::time::Instant::now() + bgp_backoff;
+                    bgp_backoff = (bgp_backoff * 2).min(Duration::from_secs(30));
+                    Some(at)
+                }
+            };
+            if best.is_none() {
+                best = self.best_routes.take();
+            }
             let remote = self.remote_routes();
             match self.reconcile(&remote).await {
                 Ok(()) => backoff = Duration::from_millis(200),
@@ -1141,11 +1309,6 @@ impl Agent {
                         .reconcile_errors
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "reconcile failed; retrying");
-                    *self
-                        .health
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -1169,9 +1332,18 @@ impl Agent {
                 changes = next_best(&mut best) => {
                     match (changes, self.bgp.as_mut()) {
                         (Some(c), Some(b)) => b.learn(c),
+                        (None, Some(_)) => {
+                            best = None;
+                            self.speaker_stopped = true;
+                            self.bgp_failed(
+                                "the speaker's route stream ended; starting the speaker again".into(),
+                                1,
+                            );
+                        }
                         _ => best = None,
                     }
                 }
+                _ = sleep_until_opt(bgp_retry) => {}
                 batch = next_event(&mut events) => {
                     if let Some(Err(e)) = batch {
                         tracing::warn!(error = %e, "kernel event subscription failed");
@@ -1182,6 +1354,14 @@ impl Agent {
             // Let a burst of changes settle into one pass.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1200,5 +1380,48 @@ async fn next_event(
     match events {
         Some(sub) => Some(sub.next_batch().await),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_drops_after_failures_and_bgp_trouble_and_comes_back() {
+        let h = Health::new(Duration::from_secs(30), Vec::new());
+        assert!(h.ready().unwrap_err().contains("first reconcile"));
+        h.reconciled();
+        assert_eq!(h.ready(), Ok(()));
+        for i in 1..NOT_READY_AFTER_FAILURES {
+            h.reconcile_failed(format!("route {i} refused"));
+            assert_eq!(h.ready(), Ok(()), "{i} failure(s) in a row: still ready");
+        }
+        h.reconcile_failed("route refused".into());
+        let why = h.ready().unwrap_err();
+        assert!(
+            why.contains("3 reconciles in a row failed") && why.contains("route refused"),
+            "{why}"
+        );
+        h.reconciled();
+        assert_eq!(h.ready(), Ok(()));
+        h.set_bgp(Some("the speaker's route stream ended".into()));
+        assert!(h.ready().unwrap_err().starts_with("BGP: "));
+        h.set_bgp(None);
+        assert_eq!(h.ready(), Ok(()));
+    }
+
+    #[test]
+    fn liveness_moves_only_with_successful_reconciles() {
+        let h = Health {
+            stall_limit: Duration::from_millis(40),
+            ..Health::new(Duration::from_secs(30), Vec::new())
+        };
+        h.reconciled();
+        std::thread::sleep(Duration::from_millis(60));
+        h.reconcile_failed("still failing".into());
+        assert!(h.live().unwrap_err().contains("no reconcile has succeeded"));
+        h.reconciled();
+        assert_eq!(h.live(), Ok(()));
     }
 }

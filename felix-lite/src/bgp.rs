@@ -320,19 +320,122 @@ pub fn announcements(
         .collect()
 }
 
+/// The communities a prefix is announced with, from the BGPConfiguration: every
+/// `prefixAdvertisements` entry whose CIDR contains the prefix (or equals it) adds its
+/// communities, named ones looked up in `communities`. `aa:nn` values are RFC 1997 communities,
+/// `aa:nn:mm` large ones (RFC 8092).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdvertisedCommunities {
+    pub standard: Vec<margay_bgp::wire::Community>,
+    pub large: Vec<margay_bgp::wire::LargeCommunity>,
+}
+
+pub fn communities_for(net: &IpNet, config: Option<&BGPConfiguration>) -> AdvertisedCommunities {
+    let mut out = AdvertisedCommunities::default();
+    let Some(spec) = config.map(|c| &c.spec) else {
+        return out;
+    };
+    for adv in &spec.prefix_advertisements {
+        let Ok(cidr) = adv.cidr.parse::<IpNet>() else {
+            continue;
+        };
+        if !cidr.contains(net) {
+            continue;
+        }
+        for c in &adv.communities {
+            let value = spec
+                .communities
+                .iter()
+                .find(|d| &d.name == c)
+                .map(|d| d.value.as_str())
+                .unwrap_or(c);
+            let parts: Vec<&str> = value.split(':').collect();
+            match parts.as_slice() {
+                [a, n] => {
+                    if let (Ok(a), Ok(n)) = (a.parse::<u16>(), n.parse::<u16>()) {
+                        let v = margay_bgp::wire::Community((u32::from(a) << 16) | u32::from(n));
+                        if !out.standard.contains(&v) {
+                            out.standard.push(v);
+                        }
+                    }
+                }
+                [g, d1, d2] => {
+                    if let (Ok(g), Ok(d1), Ok(d2)) = (g.parse(), d1.parse(), d2.parse()) {
+                        let v = margay_bgp::wire::LargeCommunity {
+                            global_admin: g,
+                            local_data1: d1,
+                            local_data2: d2,
+                        };
+                        if !out.large.contains(&v) {
+                            out.large.push(v);
+                        }
+                    }
+                }
+                // Validation refuses anything else.
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 fn prefix_of(net: &IpNet) -> Option<Prefix> {
     Prefix::new_masked(net.addr(), net.prefix_len()).ok()
 }
 
-/// Applies desired peers and announcements to the speaker, changing only what differs.
+/// Applies desired peers and announcements to the speaker, changing only what differs. What
+/// the speaker refused is not recorded as done, so the next sync tries it again; every call's
+/// outcome is returned.
 pub struct BgpDriver {
     pub handle: SpeakerHandle,
     /// Attached to every announcement (see [`origin_tag`]).
     tag: Option<margay_bgp::wire::LargeCommunity>,
     peers: BTreeMap<IpAddr, PeerConfig>,
-    announced: BTreeSet<IpNet>,
+    /// What the speaker accepted, with the communities it was announced with.
+    announced: BTreeMap<IpNet, AdvertisedCommunities>,
     /// Best routes learned from peers: prefix → first next hop.
     learned: BTreeMap<IpNet, IpAddr>,
+    /// Routes carried over from a speaker that stopped, kept until the new one learns them
+    /// again or the deadline passes (the restart time), so that a restart does not pull the
+    /// kernel's routes.
+    stale: BTreeMap<IpNet, IpAddr>,
+    stale_until: Option<std::time::Instant>,
+}
+
+/// What went wrong in one sync with the speaker.
+#[derive(Debug, Default)]
+pub struct SyncProblems {
+    /// The speaker has stopped: it must be started again.
+    pub stopped: bool,
+    pub errors: Vec<String>,
+}
+
+impl SyncProblems {
+    pub fn add(&mut self, what: String, e: margay_bgp::SpeakerError) {
+        if matches!(e, margay_bgp::SpeakerError::Stopped) {
+            self.stopped = true;
+        }
+        self.errors.push(format!("{what}: {e}"));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// One line for logs and readiness.
+    pub fn summary(&self) -> String {
+        let mut s = self
+            .errors
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if self.errors.len() > 3 {
+            s.push_str(&format!(" (and {} more)", self.errors.len() - 3));
+        }
+        s
+    }
 }
 
 impl BgpDriver {
@@ -341,12 +444,29 @@ impl BgpDriver {
             handle,
             tag,
             peers: BTreeMap::new(),
-            announced: BTreeSet::new(),
+            announced: BTreeMap::new(),
             learned: BTreeMap::new(),
+            stale: BTreeMap::new(),
+            stale_until: None,
         }
     }
 
-    pub async fn set_peers(&mut self, want: BTreeMap<IpAddr, PeerConfig>) {
+    /// A driver for a restarted speaker: what the stopped one had learned is kept (as stale)
+    /// for `keep`, and dropped then unless learned again.
+    pub fn restarted(
+        handle: SpeakerHandle,
+        tag: Option<margay_bgp::wire::LargeCommunity>,
+        old: BgpDriver,
+        keep: std::time::Duration,
+    ) -> BgpDriver {
+        let mut d = BgpDriver::new(handle, tag);
+        d.stale = old.learned;
+        d.stale.extend(old.stale);
+        d.stale_until = Some(std::time::Instant::now() + keep);
+        d
+    }
+
+    pub async fn set_peers(&mut self, want: BTreeMap<IpAddr, PeerConfig>, out: &mut SyncProblems) {
         let gone: Vec<IpAddr> = self
             .peers
             .keys()
@@ -354,10 +474,13 @@ impl BgpDriver {
             .copied()
             .collect();
         for a in gone {
-            if let Err(e) = self.handle.remove_peer(a).await {
-                tracing::warn!(peer = %a, error = %e, "removing a BGP peer");
+            match self.handle.remove_peer(a).await {
+                Ok(()) => {
+                    self.peers.remove(&a);
+                }
+                // Kept: removed again next time.
+                Err(e) => out.add(format!("removing peer {a}"), e),
             }
-            self.peers.remove(&a);
         }
         for (a, p) in want {
             let result = match self.peers.get(&a) {
@@ -369,27 +492,56 @@ impl BgpDriver {
                 Ok(()) => {
                     self.peers.insert(a, p);
                 }
-                Err(e) => tracing::warn!(peer = %a, error = %e, "configuring a BGP peer"),
+                Err(e) => out.add(format!("configuring peer {a}"), e),
             }
         }
     }
 
-    pub fn set_announcements(&mut self, want: BTreeSet<IpNet>) {
-        for gone in self.announced.difference(&want) {
-            if let Some(p) = prefix_of(gone) {
-                let _ = self.handle.withdraw(p);
+    /// Announces `want` (each prefix with its communities) and withdraws the rest.
+    pub fn set_announcements(
+        &mut self,
+        want: BTreeMap<IpNet, AdvertisedCommunities>,
+        out: &mut SyncProblems,
+    ) {
+        let gone: Vec<IpNet> = self
+            .announced
+            .keys()
+            .filter(|n| !want.contains_key(n))
+            .copied()
+            .collect();
+        for net in gone {
+            let Some(p) = prefix_of(&net) else {
+                self.announced.remove(&net);
+                continue;
+            };
+            match self.handle.withdraw(p) {
+                Ok(()) => {
+                    self.announced.remove(&net);
+                }
+                Err(e) => out.add(format!("withdrawing {net}"), e),
             }
         }
-        for new in want.difference(&self.announced) {
-            if let Some(p) = prefix_of(new) {
-                let attrs = PathAttrs {
-                    large_communities: self.tag.into_iter().collect(),
-                    ..Default::default()
-                };
-                let _ = self.handle.announce(p, attrs);
+        for (net, comms) in want {
+            if self.announced.get(&net) == Some(&comms) {
+                continue;
+            }
+            let Some(p) = prefix_of(&net) else {
+                out.errors
+                    .push(format!("{net} cannot be announced: not a BGP prefix"));
+                continue;
+            };
+            let attrs = PathAttrs {
+                communities: comms.standard.clone(),
+                large_communities: self.tag.into_iter().chain(comms.large.clone()).collect(),
+                ..Default::default()
+            };
+            match self.handle.announce(p, attrs) {
+                Ok(()) => {
+                    self.announced.insert(net, comms);
+                }
+                Err(e) => out.add(format!("announcing {net}"), e),
             }
         }
-        self.announced = want;
     }
 
     /// Applies a batch of best-route changes; routes the speaker originated are not learned.
@@ -398,6 +550,7 @@ impl BgpDriver {
             let Ok(net) = IpNet::new(c.prefix.addr(), c.prefix.len()) else {
                 continue;
             };
+            self.stale.remove(&net);
             match c.best {
                 Some(b) if !matches!(b.origin, margay_bgp::RouteOrigin::Local) => {
                     if let Some(nh) = b.next_hops.first() {
@@ -411,9 +564,19 @@ impl BgpDriver {
         }
     }
 
-    pub fn remote_routes(&self) -> Vec<RemoteRoute> {
-        self.learned
+    /// The learned routes, with those kept from a stopped speaker until their deadline.
+    pub fn remote_routes(&mut self) -> Vec<RemoteRoute> {
+        if self
+            .stale_until
+            .is_some_and(|t| std::time::Instant::now() >= t)
+        {
+            self.stale.clear();
+            self.stale_until = None;
+        }
+        self.stale
             .iter()
+            .filter(|(p, _)| !self.learned.contains_key(p))
+            .chain(self.learned.iter())
             .map(|(prefix, next_hop)| RemoteRoute {
                 prefix: *prefix,
                 next_hop: *next_hop,
@@ -659,5 +822,133 @@ mod tests {
         );
         let got: Vec<String> = got.iter().map(ToString::to_string).collect();
         assert_eq!(got, vec!["10.244.1.0/26", "10.244.9.7/32"]);
+    }
+
+    #[test]
+    fn prefix_advertisements_add_communities_to_the_prefixes_within_them() {
+        use margay_api::{BGPConfigurationSpec, Community, PrefixAdvertisement};
+        let config = BGPConfiguration::new(
+            "default",
+            BGPConfigurationSpec {
+                communities: vec![Community {
+                    name: "pods".into(),
+                    value: "65001:100".into(),
+                }],
+                prefix_advertisements: vec![
+                    PrefixAdvertisement {
+                        cidr: "10.244.0.0/16".into(),
+                        communities: vec!["pods".into(), "65001:200:300".into()],
+                    },
+                    PrefixAdvertisement {
+                        cidr: "10.244.1.0/26".into(),
+                        communities: vec!["65001:7".into(), "65001:100".into()],
+                    },
+                ],
+                ..Default::default()
+            },
+        );
+        let block: IpNet = "10.244.1.0/26".parse().unwrap();
+        let got = communities_for(&block, Some(&config));
+        assert_eq!(
+            got.standard,
+            vec![
+                margay_bgp::wire::Community((65001 << 16) | 100),
+                margay_bgp::wire::Community((65001 << 16) | 7),
+            ],
+            "both entries apply, each community once"
+        );
+        assert_eq!(
+            got.large,
+            vec![margay_bgp::wire::LargeCommunity {
+                global_admin: 65001,
+                local_data1: 200,
+                local_data2: 300
+            }]
+        );
+        let elsewhere: IpNet = "10.245.0.0/26".parse().unwrap();
+        assert_eq!(
+            communities_for(&elsewhere, Some(&config)),
+            AdvertisedCommunities::default()
+        );
+        assert_eq!(
+            communities_for(&block, None),
+            AdvertisedCommunities::default()
+        );
+    }
+
+    /// What the speaker refuses is reported, not recorded as done: once it has stopped, a
+    /// new announcement comes back as "stopped" and stays pending for the restarted speaker,
+    /// and the best-route stream ends.
+    #[tokio::test]
+    async fn a_stopped_speaker_is_reported_and_nothing_is_recorded_as_done() {
+        let cfg = margay_bgp::SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
+        let (handle, mut best) = margay_bgp::Speaker::start(cfg).await.unwrap();
+        let mut d = BgpDriver::new(handle.clone(), None);
+        let a: IpNet = "10.244.1.0/26".parse().unwrap();
+        let b: IpNet = "10.244.2.0/26".parse().unwrap();
+        let mut problems = SyncProblems::default();
+        d.set_announcements(
+            [(a, AdvertisedCommunities::default())]
+                .into_iter()
+                .collect(),
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(d.announced.contains_key(&a));
+
+        handle.stop("test").await.unwrap();
+        let mut problems = SyncProblems::default();
+        d.set_announcements(
+            [(b, AdvertisedCommunities::default())]
+                .into_iter()
+                .collect(),
+            &mut problems,
+        );
+        assert!(problems.stopped, "{problems:?}");
+        assert!(
+            problems.summary().contains("10.244.2.0/26"),
+            "{}",
+            problems.summary()
+        );
+        assert!(!d.announced.contains_key(&b), "not recorded: retried later");
+        let mut problems = SyncProblems::default();
+        d.set_announcements(BTreeMap::new(), &mut problems);
+        assert!(problems.stopped);
+        assert!(
+            d.announced.contains_key(&a),
+            "a withdrawal that failed keeps the prefix, to withdraw it again"
+        );
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while best.recv().await.is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the best-route stream ends with the speaker");
+    }
+
+    /// A restarted speaker's driver keeps what the stopped one learned until it learns it
+    /// again or the restart time passes.
+    #[tokio::test]
+    async fn routes_learned_before_a_restart_are_kept_until_relearned_or_expired() {
+        let start = || async {
+            let cfg = margay_bgp::SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
+            margay_bgp::Speaker::start(cfg).await.unwrap().0
+        };
+        let mut old = BgpDriver::new(start().await, None);
+        old.learned.insert(
+            "10.244.5.0/26".parse().unwrap(),
+            "192.0.2.9".parse().unwrap(),
+        );
+        let mut kept = BgpDriver::restarted(
+            start().await,
+            None,
+            old,
+            std::time::Duration::from_millis(50),
+        );
+        assert_eq!(kept.remote_routes().len(), 1, "kept across the restart");
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        assert!(
+            kept.remote_routes().is_empty(),
+            "dropped after the restart time"
+        );
     }
 }

@@ -52,7 +52,7 @@ async fn blocks_become_routes(bgp: bool) {
             .unwrap();
     }
     let host: IpAddr = "192.168.251.1".parse().unwrap();
-    let etcd = EtcdProcess::start_listening_on(&[host]).await.unwrap();
+    let mut etcd = EtcdProcess::start_listening_on(&[host]).await.unwrap();
     let store = Store::new(Arc::new(
         EtcdBackend::connect(EtcdConfig::new([etcd.endpoint()]).with_prefix("/margay-agent-test/"))
             .await
@@ -193,4 +193,31 @@ async fn blocks_become_routes(bgp: bool) {
         .ip(&["route", "show", "10.123.0.0/24"])
         .unwrap()
         .contains("via 192.168.251.12"));
+
+    // Readiness follows the datastore: every agent is ready, then not (saying why) while
+    // etcd is down, then ready again; liveness holds throughout (the routes stay).
+    let probe = |i: usize, path: &str| {
+        let addr: std::net::SocketAddr = format!("192.168.251.1{i}:9099").parse().unwrap();
+        margay_testkit::http_get(addr, path).unwrap_or_else(|e| (0, e.to_string()))
+    };
+    let all = |want: u16| move || (1..=3).all(|i| probe(i, "/readyz").0 == want);
+    wait_for("every agent ready", Duration::from_secs(20), all(200));
+    etcd.stop().await;
+    wait_for(
+        "every agent not ready while etcd is down",
+        Duration::from_secs(20),
+        all(503),
+    );
+    for i in 1..=3 {
+        let (_, why) = probe(i, "/readyz");
+        assert!(why.contains("datastore"), "node{i}: {why}");
+        let (code, body) = probe(i, "/livez");
+        assert_eq!(code, 200, "node{i} stays live: {body}");
+    }
+    etcd.restart().await.unwrap();
+    wait_for(
+        "every agent ready again after etcd came back",
+        Duration::from_secs(30),
+        all(200),
+    );
 }

@@ -26,6 +26,36 @@ pub struct Informer<R: MargayResource> {
     cache: Arc<RwLock<Cache<R>>>,
     changed: watch::Receiver<u64>,
     task: JoinHandle<()>,
+    failing: InformerHealth,
+}
+
+/// Whether an informer is following the datastore: cheap to clone, for health endpoints.
+#[derive(Debug, Clone)]
+pub struct InformerHealth {
+    kind: &'static str,
+    /// The error of the last failed list or watch, until one succeeds again.
+    failing: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl InformerHealth {
+    fn new(kind: &'static str) -> InformerHealth {
+        InformerHealth {
+            kind,
+            failing: Arc::default(),
+        }
+    }
+
+    fn set(&self, e: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// `Err` (naming the kind) while the informer cannot list or watch.
+    pub fn check(&self) -> Result<(), String> {
+        match &*self.failing.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(e) => Err(format!("cannot follow {}: {e}", self.kind)),
+        }
+    }
 }
 
 impl<R: MargayResource> Drop for Informer<R> {
@@ -47,12 +77,19 @@ impl<R: MargayResource> Informer<R> {
             synced: false,
         }));
         let (tx, changed) = watch::channel(0u64);
-        let task = tokio::spawn(run(store, cache.clone(), tx));
+        let failing = InformerHealth::new(R::KIND.plural());
+        let task = tokio::spawn(run(store, cache.clone(), tx, failing.clone()));
         Informer {
             cache,
             changed,
             task,
+            failing,
         }
+    }
+
+    /// Whether this informer is following the datastore now.
+    pub fn health(&self) -> InformerHealth {
+        self.failing.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache<R>> {
@@ -103,6 +140,7 @@ async fn run<R: MargayResource>(
     store: Store,
     cache: Arc<RwLock<Cache<R>>>,
     tx: watch::Sender<u64>,
+    failing: InformerHealth,
 ) {
     let mut backoff = BACKOFF_START;
     let mut need_list = true;
@@ -121,9 +159,11 @@ async fn run<R: MargayResource>(
                     bump(&tx);
                     need_list = false;
                     backoff = BACKOFF_START;
+                    failing.set(None);
                 }
                 Err(e) => {
                     tracing::warn!(kind = %R::KIND, error = %e, "listing failed; retrying");
+                    failing.set(Some(e.to_string()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -132,13 +172,17 @@ async fn run<R: MargayResource>(
         }
         let after = cache.read().unwrap_or_else(|p| p.into_inner()).revision;
         let mut stream = match store.watch::<R>(after).await {
-            Ok(s) => s,
+            Ok(s) => {
+                failing.set(None);
+                s
+            }
             Err(StoreError::TooOld { .. }) => {
                 need_list = true;
                 continue;
             }
             Err(e) => {
                 tracing::warn!(kind = %R::KIND, error = %e, "watch failed; retrying");
+                failing.set(Some(e.to_string()));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -157,6 +201,7 @@ async fn run<R: MargayResource>(
                 }
                 Err(e) => {
                     tracing::warn!(kind = %R::KIND, error = %e, "watch ended; resuming");
+                    failing.set(Some(e.to_string()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     break;

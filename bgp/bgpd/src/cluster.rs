@@ -163,6 +163,17 @@ pub struct Args {
     pub secrets_namespace: String,
 }
 
+/// Why a pass of the route reflector failed.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error("datastore: {0}")]
+    Datastore(#[from] StoreError),
+    #[error("BGP speaker: {0}")]
+    Speaker(String),
+    #[error("the BGP speaker has stopped")]
+    SpeakerStopped,
+}
+
 /// A setting that cannot be used, named as the user set it.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -815,7 +826,7 @@ struct Reflector {
 
 impl Reflector {
     /// One pass: registration, peers, status. Idempotent.
-    async fn pass(&mut self) -> Result<(), StoreError> {
+    async fn pass(&mut self) -> Result<(), PassError> {
         let name = self.settings.node_name.clone();
         let existing = self.view.nodes.get(&name);
         // The informer's copy decides whether a write is due; the write itself reads afresh.
@@ -855,7 +866,14 @@ impl Reflector {
             want.values().filter(|p| p.rr_client).count() as u64,
             Ordering::Relaxed,
         );
-        self.driver.set_peers(want).await;
+        let mut problems = margay_node::bgp::SyncProblems::default();
+        self.driver.set_peers(want, &mut problems).await;
+        if problems.stopped {
+            return Err(PassError::SpeakerStopped);
+        }
+        if !problems.is_empty() {
+            return Err(PassError::Speaker(problems.summary()));
+        }
         let asn = peering::node_as(Some(&me), config.as_ref());
         let port = config
             .as_ref()
@@ -872,9 +890,15 @@ impl Reflector {
     }
 
     /// Writes the session states into the Node's status when they changed.
-    async fn report(&mut self) -> Result<(), StoreError> {
-        let Ok(peers) = self.driver.handle.peers().await else {
-            return Ok(());
+    async fn report(&mut self) -> Result<(), PassError> {
+        let peers = match self.driver.handle.peers().await {
+            Ok(p) => p,
+            Err(margay_bgp::SpeakerError::Stopped) => return Err(PassError::SpeakerStopped),
+            Err(e) => {
+                // No answer: no session is known to be up.
+                self.health.established.store(0, Ordering::Relaxed);
+                return Err(PassError::Speaker(format!("reading the peers' state: {e}")));
+            }
         };
         self.health.established.store(
             peers.iter().filter(|p| p.state == "Established").count() as u64,
@@ -894,7 +918,7 @@ impl Reflector {
                 match self.store.update_status(&n).await {
                     Ok(_) => {}
                     Err(e) if e.is_conflict() => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
             self.reported = Some(states);
@@ -1023,10 +1047,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 health.set_ready();
                 backoff = Duration::from_millis(200);
             }
+            Err(PassError::SpeakerStopped) => {
+                // Nothing to reflect with: exit, so that the orchestrator starts it again.
+                health.not_ready("the BGP speaker has stopped");
+                anyhow::bail!(
+                    "the BGP speaker has stopped; exiting so that margay-bgpd is restarted"
+                );
+            }
             Err(e) => {
                 health.sync_errors.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "route reflector pass failed; retrying");
-                health.not_ready(format!("datastore: {e}"));
+                health.not_ready(e.to_string());
                 tokio::select! {
                     _ = term.recv() => break,
                     _ = int.recv() => break,

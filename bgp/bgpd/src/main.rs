@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use margay_bgp::{Speaker, SpeakerHandle};
+use margay_bgp::wire::Prefix;
+use margay_bgp::{PathAttrs, PeerConfig, Speaker, SpeakerHandle};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -191,11 +192,32 @@ async fn run(path: PathBuf, mut cfg: Config) -> anyhow::Result<()> {
         warn!(error = %e, "shutdown incomplete");
     }
     if let Some(dir) = &cfg.state_dir {
-        let _ = std::fs::remove_file(marker(dir));
+        match std::fs::remove_file(marker(dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Left behind, the next start takes itself for a graceful restart.
+            Err(e) => warn!(error = %e, "cannot remove the running marker"),
+        }
     }
     Ok(())
 }
 
+/// One change a reload made to the running speaker, and how to take it back.
+enum Undo {
+    /// A peer was removed: add it again with its old settings.
+    AddPeer(PeerConfig),
+    /// A peer was changed: put its old settings back.
+    UpdatePeer(PeerConfig),
+    /// A peer was added: remove it.
+    RemovePeer(std::net::IpAddr),
+    /// A prefix was withdrawn or re-announced: announce it with its old attributes.
+    Announce(Prefix, PathAttrs),
+    /// A prefix was announced that was not before: withdraw it.
+    Withdraw(Prefix),
+}
+
+/// Applies a changed configuration file on SIGHUP. All or nothing: when the speaker refuses
+/// a change, the changes already made are taken back, and the running configuration stays.
 async fn reload(path: &Path, cfg: &mut Config, speaker: &SpeakerHandle) {
     let new = match Config::load(path) {
         Ok(c) => c,
@@ -215,26 +237,27 @@ async fn reload(path: &Path, cfg: &mut Config, speaker: &SpeakerHandle) {
             "reload: these sections changed and apply only after a restart; the rest is applied now"
         );
     }
-    for a in &d.remove_peers {
-        if let Err(e) = speaker.remove_peer(*a).await {
-            error!(peer = %a, error = %e, "reload: cannot remove peer");
+    let mut undo = Vec::new();
+    if let Err(e) = apply_diff(&d, cfg, speaker, &mut undo).await {
+        error!(error = %e, "reload failed; taking back its changes and keeping the running configuration");
+        let mut clean = true;
+        for u in undo.into_iter().rev() {
+            let r = match u {
+                Undo::AddPeer(p) => speaker.add_peer(p).await,
+                Undo::UpdatePeer(p) => speaker.update_peer(p).await,
+                Undo::RemovePeer(a) => speaker.remove_peer(a).await,
+                Undo::Announce(p, a) => speaker.announce(p, a),
+                Undo::Withdraw(p) => speaker.withdraw(p),
+            };
+            if let Err(e) = r {
+                clean = false;
+                error!(error = %e, "reload: cannot take a change back");
+            }
         }
-    }
-    for p in &d.update_peers {
-        if let Err(e) = speaker.update_peer(p.clone()).await {
-            error!(peer = %p.address, error = %e, "reload: cannot update peer");
+        if !clean {
+            error!("the running speaker no longer matches any configuration; restart margay-bgpd");
         }
-    }
-    for p in &d.add_peers {
-        if let Err(e) = speaker.add_peer(p.clone()).await {
-            error!(peer = %p.address, error = %e, "reload: cannot add peer");
-        }
-    }
-    for p in &d.withdraw {
-        let _ = speaker.withdraw(*p);
-    }
-    for (p, a) in &d.announce {
-        let _ = speaker.announce(*p, a.clone());
+        return;
     }
     info!(
         removed = d.remove_peers.len(),
@@ -250,4 +273,59 @@ async fn reload(path: &Path, cfg: &mut Config, speaker: &SpeakerHandle) {
     applied.status = cfg.status.clone();
     applied.kernel = cfg.kernel.clone();
     *cfg = applied;
+}
+
+/// Makes the changes of `d` to the speaker running `old`, noting in `undo` how to take back
+/// each one made; stops at the first the speaker refuses.
+async fn apply_diff(
+    d: &config::Diff,
+    old: &Config,
+    speaker: &SpeakerHandle,
+    undo: &mut Vec<Undo>,
+) -> Result<(), String> {
+    let old_peer = |a: &std::net::IpAddr| old.peers.iter().find(|p| p.address == *a).cloned();
+    let old_announced = old.announcements();
+    for a in &d.remove_peers {
+        speaker
+            .remove_peer(*a)
+            .await
+            .map_err(|e| format!("removing peer {a}: {e}"))?;
+        if let Some(p) = old_peer(a) {
+            undo.push(Undo::AddPeer(p));
+        }
+    }
+    for p in &d.update_peers {
+        speaker
+            .update_peer(p.clone())
+            .await
+            .map_err(|e| format!("updating peer {}: {e}", p.address))?;
+        if let Some(p) = old_peer(&p.address) {
+            undo.push(Undo::UpdatePeer(p));
+        }
+    }
+    for p in &d.add_peers {
+        speaker
+            .add_peer(p.clone())
+            .await
+            .map_err(|e| format!("adding peer {}: {e}", p.address))?;
+        undo.push(Undo::RemovePeer(p.address));
+    }
+    for p in &d.withdraw {
+        speaker
+            .withdraw(*p)
+            .map_err(|e| format!("withdrawing {p}: {e}"))?;
+        if let Some(a) = old_announced.get(p) {
+            undo.push(Undo::Announce(*p, a.clone()));
+        }
+    }
+    for (p, a) in &d.announce {
+        speaker
+            .announce(*p, a.clone())
+            .map_err(|e| format!("announcing {p}: {e}"))?;
+        undo.push(match old_announced.get(p) {
+            Some(old) => Undo::Announce(*p, old.clone()),
+            None => Undo::Withdraw(*p),
+        });
+    }
+    Ok(())
 }

@@ -245,6 +245,7 @@ enum Command {
     Routes(Option<Prefix>, oneshot::Sender<Vec<RouteStatus>>),
     RequestRefresh(IpAddr, oneshot::Sender<Result<(), SpeakerError>>),
     Shutdown(String, oneshot::Sender<()>),
+    Stop(String, oneshot::Sender<()>),
 }
 
 /// The handle embedders hold. Cheap to clone.
@@ -312,6 +313,14 @@ impl SpeakerHandle {
     pub async fn shutdown(&self, message: &str) -> Result<(), SpeakerError> {
         let m = message.to_owned();
         self.ask(|tx| Command::Shutdown(m, tx)).await
+    }
+
+    /// Closes every session as [`shutdown`](Self::shutdown) does, then ends the speaker: its
+    /// listeners are closed (their ports free again), its best-route streams end, and every
+    /// later call returns [`SpeakerError::Stopped`].
+    pub async fn stop(&self, message: &str) -> Result<(), SpeakerError> {
+        let m = message.to_owned();
+        self.ask(|tx| Command::Stop(m, tx)).await
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -561,10 +570,24 @@ impl SpeakerTask {
         let _enter = span.enter();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopped = None;
         loop {
             tokio::select! {
                 biased;
                 cmd = self.cmd_rx.recv() => match cmd {
+                    Some(Command::Stop(message, done)) => {
+                        // Nothing is taken after this; the sessions' NOTIFICATIONs are
+                        // flushed before the listeners close.
+                        self.cmd_rx.close();
+                        for w in self.stop_sessions(&message) {
+                            // A session that does not confirm in time is dropped with the task.
+                            if tokio::time::timeout(Duration::from_secs(5), w).await.is_err() {
+                                debug!("a session did not confirm its stop in time");
+                            }
+                        }
+                        stopped = Some(done);
+                        break;
+                    }
                     Some(c) => self.command(c),
                     None => break,
                 },
@@ -594,6 +617,31 @@ impl SpeakerTask {
         for (_, h) in self.listeners.drain(..) {
             h.abort();
         }
+        if let Some(done) = stopped {
+            // The caller may have stopped waiting; nothing else to tell.
+            drop(self);
+            done.send(()).ok();
+        }
+    }
+
+    /// Tells every session to close with Cease/Administrative Shutdown; the receivers fire as
+    /// each has flushed its NOTIFICATION.
+    fn stop_sessions(&self, message: &str) -> Vec<oneshot::Receiver<()>> {
+        let mut waits = Vec::new();
+        for s in self.slots.iter().flatten() {
+            let (dtx, drx) = oneshot::channel();
+            // A session whose task has ended has nothing to close.
+            if s.cmd
+                .send(SessionCmd::Stop {
+                    message: message.to_owned(),
+                    done: Some(dtx),
+                })
+                .is_ok()
+            {
+                waits.push(drx);
+            }
+        }
+        waits
     }
 
     fn slot(&mut self, idx: PeerIdx) -> Option<&mut PeerSlot> {
@@ -639,16 +687,10 @@ impl SpeakerTask {
                 };
                 let _ = tx.send(r);
             }
+            // Taken by `run`, which ends the task, before it gets here.
+            Command::Stop(_, done) => drop(done),
             Command::Shutdown(message, tx) => {
-                let mut waits = Vec::new();
-                for s in self.slots.iter().flatten() {
-                    let (dtx, drx) = oneshot::channel();
-                    let _ = s.cmd.send(SessionCmd::Stop {
-                        message: message.clone(),
-                        done: Some(dtx),
-                    });
-                    waits.push(drx);
-                }
+                let waits = self.stop_sessions(&message);
                 tokio::spawn(async move {
                     for w in waits {
                         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;

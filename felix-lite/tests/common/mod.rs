@@ -26,7 +26,11 @@ pub fn start_agent(ns: &TestNetns, a: Agent<'_>) -> KillOnDrop {
             .env("MARGAY_STATE_DIR", a.state)
             .env("MARGAY_BGP_ENABLED", if a.bgp { "true" } else { "false" })
             .env("MARGAY_RESYNC_INTERVAL", "30s")
-            .env("MARGAY_HEALTH_LISTEN", "127.0.0.1:9099")
+            // On the node's address, so that the test probes it from the host.
+            .env(
+                "MARGAY_HEALTH_LISTEN",
+                format!("{}:9099", a.addr.split('/').next().unwrap_or(a.addr)),
+            )
             .env("MARGAY_METRICS_LISTEN", "127.0.0.1:9091")
             .env("MARGAY_LOG", "warn")
             .stdout(Stdio::null())
