@@ -111,6 +111,13 @@ const POOL_CASES: &[Case] = &[
         "at least one",
     ),
     (
+        "load-balancer use (service addresses are not allocated or advertised yet)",
+        "metadata: {name: p}\nspec: {cidr: 10.0.0.0/16, allowedUses: [LoadBalancer]}",
+        "spec.allowedUses[0]",
+        "LoadBalancer",
+        "not supported yet",
+    ),
+    (
         "upper-case name",
         "metadata: {name: Pool}\nspec: {cidr: 10.0.0.0/16}",
         "metadata.name",

@@ -340,6 +340,8 @@ pub struct Agent {
     /// The speaker stopped (a call found it gone, or its route stream ended): the next BGP
     /// sync starts it again.
     speaker_stopped: bool,
+    /// The log filter, for `logSeverityScreen` (absent when the caller set up logging).
+    log: Option<crate::logging::LogControl>,
     best_routes: Option<margay_bgp::BestRouteStream>,
     /// The routes the last pass programmed: one of them missing from the kernel now is drift
     /// (a repair), not a change of intent.
@@ -424,6 +426,7 @@ impl Agent {
             k8s_labels_read: Instant::now(),
             bgp: None,
             speaker_stopped: false,
+            log: None,
             best_routes: None,
         };
         let mut agent = agent;
@@ -437,6 +440,28 @@ impl Agent {
 
     pub fn node_name(&self) -> &str {
         &self.node
+    }
+
+    /// Lets the BGPConfiguration's `logSeverityScreen` set the BGP log level.
+    pub fn with_log_control(mut self, log: crate::logging::LogControl) -> Agent {
+        self.log = Some(log);
+        self
+    }
+
+    /// Applies `logSeverityScreen` (unset: the agent's own level) to the BGP log targets.
+    fn apply_log_severity(&self, config: Option<&BGPConfiguration>) {
+        let Some(log) = &self.log else { return };
+        let sev = config.and_then(|c| c.spec.log_severity_screen);
+        match log.set_bgp(sev) {
+            Ok(true) => tracing::info!(
+                level = sev
+                    .map(crate::logging::level_of)
+                    .unwrap_or("as the agent's"),
+                "BGP log level changed (logSeverityScreen)"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot apply logSeverityScreen"),
+        }
     }
 
     /// Starts the embedded speaker on the node's address. When the kernel still holds routes
@@ -531,6 +556,7 @@ impl Agent {
             .unwrap_or_default();
         let nodes = self.view.nodes.snapshot();
         let config = self.view.bgp_config(&self.node);
+        self.apply_log_severity(config.as_ref());
         let peers = self.view.bgp_peers.snapshot();
         let secrets = self.resolve_secrets(config.as_ref(), &peers).await;
         let want = crate::bgp::desired_peers_both_ways(&crate::bgp::PeerInputs {

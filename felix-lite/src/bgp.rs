@@ -301,6 +301,12 @@ fn apply_peer_spec(p: &mut PeerConfig, bp: &BGPPeer, my_ip: Option<IpAddr>) {
     }
     p.ttl_security = s.ttl_security;
     p.max_prefixes = s.max_prefixes;
+    // How long this peer keeps our routes while we restart (validation caps it at 4095 s).
+    p.restart_time = s
+        .max_restart_time
+        .as_deref()
+        .and_then(parse_duration)
+        .map(|d| d.as_secs().min(4095) as u16);
 }
 
 /// What this node announces: its confirmed blocks in pools that allow BGP export, and the
@@ -716,6 +722,7 @@ mod tests {
                 as_number: Some(65001),
                 keepalive_time: Some("10s".into()),
                 max_prefixes: Some(100),
+                max_restart_time: Some("5m".into()),
                 ..Default::default()
             },
         );
@@ -732,9 +739,25 @@ mod tests {
         });
         let p = &got[&"10.0.1.254".parse::<IpAddr>().unwrap()];
         assert_eq!(
-            (p.asn, p.port, p.hold_time, p.max_prefixes),
-            (65001, 1179, 30, Some(100))
+            (p.asn, p.port, p.hold_time, p.max_prefixes, p.restart_time),
+            (65001, 1179, 30, Some(100), Some(300))
         );
+        // maxRestartTime is the restart time this peer is told in our OPEN.
+        let mut speaker = margay_bgp::SpeakerConfig::new(64512, "10.0.1.1".parse().unwrap());
+        speaker.graceful_restart = Some(margay_bgp::GracefulRestartConfig {
+            restart_time: 120,
+            forwarding_preserved: true,
+        });
+        let told: Vec<u16> = p
+            .fsm_config(&speaker)
+            .capabilities
+            .iter()
+            .filter_map(|c| match c {
+                margay_bgp::wire::Capability::GracefulRestart(g) => Some(g.restart_time),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, vec![300]);
         assert_eq!(p.local_address, Some("10.0.1.1".parse().unwrap()));
         assert!(peers_of("b", &nodes, &cfg, &[tor]).is_empty());
     }

@@ -9,4 +9,5 @@ pub mod autodetect;
 pub mod bgp;
 pub mod config;
 pub mod http;
+pub mod logging;
 pub mod routes;

@@ -4,16 +4,26 @@
 use anyhow::Context;
 use margay_node::agent::Agent;
 use margay_node::config::NodeConfig;
+use margay_node::logging::LogControl;
 use std::sync::Arc;
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MARGAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .json()
-        .init();
+/// JSON logs on stderr, filtered by `MARGAY_LOG` (a `tracing` filter) or the configured level;
+/// the BGPConfiguration's `logSeverityScreen` then sets the BGP targets' level at run time.
+fn init_logging(level: &str) -> anyhow::Result<LogControl> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let base = std::env::var("MARGAY_LOG").unwrap_or_else(|_| level.to_owned());
+    let (filter, control) = LogControl::new(&base).map_err(anyhow::Error::msg)?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .json(),
+        )
+        .try_init()
+        .context("installing the logger")?;
+    Ok(control)
 }
 
 #[tokio::main]
@@ -27,10 +37,11 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("usage: margay-node [--config FILE]"),
     };
     let cfg = NodeConfig::load(file.as_deref(), |k| std::env::var(k).ok())?;
-    init_logging(&cfg.log_level);
+    let log = init_logging(&cfg.log_level)?;
     let health_addr = cfg.health_listen;
     let metrics_addr = cfg.metrics_listen;
     let (agent, status) = Agent::start(cfg).await?;
+    let agent = agent.with_log_control(log);
     let status = Arc::new(status);
     let (h, _t1) = margay_node::http::serve(health_addr, status.clone())
         .await

@@ -183,9 +183,11 @@ fn lab_scenario_external_access_without_encapsulation() {
 }
 
 #[test]
-fn lab_scenario_nat() {
+fn lab_scenario_nat_and_communities() {
     let Some(lab) = Lab::up(&[]) else { return };
     lab.scenario("nat");
+    let s = lab.scenario("communities");
+    assert!(s.contains("(65010,77)") && s.contains("gone"), "{s}");
 }
 
 #[test]
@@ -252,9 +254,11 @@ fn lab_kubernetes_scenario_mesh_to_rr() {
 }
 
 #[test]
-fn lab_kubernetes_scenario_nat() {
+fn lab_kubernetes_scenario_nat_and_communities() {
     let Some(lab) = Lab::up(KUBE) else { return };
     lab.scenario("nat");
+    let s = lab.scenario("communities");
+    assert!(s.contains("(65010,77)") && s.contains("gone"), "{s}");
 }
 
 #[test]

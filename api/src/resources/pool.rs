@@ -30,7 +30,9 @@ pub enum AllowedUse {
     Workload,
     /// Tunnel device addresses (tunl0, vxlan.margay).
     Tunnel,
-    /// Service load-balancer addresses.
+    /// Service load-balancer addresses. Refused by validation (the controller marks such a
+    /// pool `Valid=False`, the allocator does not use it) until Margay allocates and
+    /// advertises service addresses.
     LoadBalancer,
 }
 
@@ -85,6 +87,10 @@ fn default_node_selector() -> String {
     {
         "rule": "!self.cidr.contains('/') || int(self.cidr.split('/')[1]) <= (has(self.blockSize) ? self.blockSize : (self.cidr.contains(':') ? 122 : 26))",
         "message": "the pool is smaller than one block: blockSize (default 26 for IPv4, 122 for IPv6) must be at least the cidr's prefix length"
+    },
+    {
+        "rule": "!has(self.allowedUses) || !self.allowedUses.exists(u, u == 'LoadBalancer')",
+        "message": "allowedUses LoadBalancer is not supported yet: Margay does not allocate or advertise service addresses"
     }
 ]))]
 pub struct IPPoolSpec {
@@ -222,7 +228,7 @@ impl IPPool {
             errs.add(
                 "spec.allowedUses",
                 "[]",
-                "must list at least one of Workload, Tunnel, LoadBalancer",
+                "must list at least one of Workload, Tunnel",
             );
         }
         for (i, u) in s.allowed_uses.iter().enumerate() {
@@ -234,11 +240,15 @@ impl IPPool {
                 );
             }
         }
-        if s.allowed_uses.contains(&AllowedUse::LoadBalancer) && (s.allowed_uses.len() > 1) {
+        if let Some(i) = s
+            .allowed_uses
+            .iter()
+            .position(|u| *u == AllowedUse::LoadBalancer)
+        {
             errs.add(
-                "spec.allowedUses",
-                format!("{:?}", s.allowed_uses),
-                "LoadBalancer cannot be combined with Workload or Tunnel in one pool",
+                format!("spec.allowedUses[{i}]"),
+                "LoadBalancer",
+                "is not supported yet: Margay does not allocate or advertise service addresses; use Workload or Tunnel",
             );
         }
     }

@@ -213,6 +213,11 @@ pub struct PeerConfig {
     /// Don't start the session (configured but administratively down).
     #[serde(default)]
     pub shutdown: bool,
+    /// Seconds this peer is asked to keep our routes while we restart (the restart time of
+    /// the graceful restart capability we send it); default the speaker's
+    /// `graceful_restart.restart_time`. At most 4095 (12 bits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_time: Option<u16>,
 }
 
 impl PeerConfig {
@@ -241,6 +246,7 @@ impl PeerConfig {
             max_prefixes: None,
             idle_hold_time: None,
             shutdown: false,
+            restart_time: None,
         }
     }
 
@@ -273,6 +279,11 @@ impl PeerConfig {
         }
         if self.families.is_empty() {
             return Err(ConfigError::NoFamilies { peer });
+        }
+        if let Some(t) = self.restart_time {
+            if t > 4095 {
+                return Err(ConfigError::RestartTime(t));
+            }
         }
         if let Some(l) = self.local_address {
             if l.is_ipv4() != peer.is_ipv4() {
@@ -333,7 +344,7 @@ impl PeerConfig {
                 } else {
                     0
                 },
-                restart_time: gr.restart_time,
+                restart_time: self.restart_time.unwrap_or(gr.restart_time),
                 families: self
                     .families
                     .iter()

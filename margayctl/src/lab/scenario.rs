@@ -39,6 +39,10 @@ pub enum Scenario {
     /// refused or marked Valid=False, a pod that asks for it is told why, and no pod gets an
     /// address from it.
     InvalidPool,
+    /// BGPConfiguration communities and prefixAdvertisements: every node's block reaches the
+    /// BIRD ToR carrying the configured standard and large communities, and loses them when
+    /// the advertisement is removed.
+    Communities,
 }
 
 /// What a scenario measured.
@@ -62,6 +66,7 @@ pub async fn run(st: &mut LabState, store: &Store, s: Scenario) -> Result<Outcom
         Scenario::GcDeletedPod => gc_deleted_pod(st, store).await?,
         Scenario::LeaderFailover => leader_failover(st).await?,
         Scenario::InvalidPool => invalid_pool(st, store).await?,
+        Scenario::Communities => communities(st, store).await?,
     };
     out.seconds = t.elapsed().as_secs_f64();
     Ok(out)
@@ -594,6 +599,108 @@ fn lab_nodes(st: &LabState) -> Vec<plan::NodePlan> {
         .iter()
         .map(|n| plan::node(n[4..].parse().unwrap_or(1)))
         .collect()
+}
+
+/// The routes the BIRD ToR holds for prefixes in `pool`, each with its attribute lines
+/// (`birdc show route all`).
+fn bird_routes(pool: &ipnet::IpNet) -> Result<Vec<(ipnet::IpNet, String)>> {
+    let ctl = Path::new(plan::STATE_DIR).join("router").join("bird.ctl");
+    let out = std::process::Command::new("birdc")
+        .arg("-s")
+        .arg(&ctl)
+        .args(["show", "route", "all"])
+        .output()
+        .context("running birdc (bird2)")?;
+    ensure!(
+        out.status.success(),
+        "birdc show route all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut routes: Vec<(ipnet::IpNet, String)> = Vec::new();
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        match first.parse::<ipnet::IpNet>() {
+            Ok(net) if !line.starts_with(char::is_whitespace) => routes.push((net, String::new())),
+            _ => {
+                if let Some((_, attrs)) = routes.last_mut() {
+                    attrs.push_str(line.trim());
+                    attrs.push('\n');
+                }
+            }
+        }
+    }
+    routes.retain(|(n, _)| pool.contains(n));
+    Ok(routes)
+}
+
+async fn communities(st: &LabState, store: &Store) -> Result<Outcome> {
+    ensure!(
+        st.router == Some(super::Router::Bird),
+        "the communities scenario reads them at the BIRD ToR: bring the lab up with --router bird"
+    );
+    let pool: ipnet::IpNet = store
+        .get::<IPPool>("default-ipv4")
+        .await?
+        .spec
+        .cidr
+        .parse()?;
+    let blocks = bird_routes(&pool)?.len();
+    ensure!(blocks > 0, "the ToR holds no route in {pool}");
+    let standard = "BGP.community: (65010,77)";
+    let large = "BGP.large_community: (65010, 1, 2)";
+    let mut cfg: BGPConfiguration = store.get("default").await?;
+    cfg.spec.communities = vec![margay_api::Community {
+        name: "lab-pods".into(),
+        value: "65010:77".into(),
+    }];
+    cfg.spec.prefix_advertisements = vec![margay_api::PrefixAdvertisement {
+        cidr: pool.to_string(),
+        communities: vec!["lab-pods".into(), "65010:1:2".into()],
+    }];
+    store.update(&cfg).await?;
+    let (n, took) = wait_until(
+        "every block at the ToR with both communities",
+        Duration::from_secs(30),
+        async || {
+            let r = bird_routes(&pool)?;
+            let tagged = r
+                .iter()
+                .filter(|(_, a)| a.contains(standard) && a.contains(large))
+                .count();
+            Ok((tagged == r.len() && tagged >= blocks).then_some(tagged))
+        },
+    )
+    .await?;
+    let mut cfg: BGPConfiguration = store.get("default").await?;
+    cfg.spec.prefix_advertisements.clear();
+    cfg.spec.communities.clear();
+    store.update(&cfg).await?;
+    let (_, gone) = wait_until(
+        "the communities gone from the ToR's routes",
+        Duration::from_secs(30),
+        async || {
+            let r = bird_routes(&pool)?;
+            Ok(r
+                .iter()
+                .all(|(_, a)| !a.contains(standard) && !a.contains(large))
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok(Outcome {
+        notes: vec![
+            format!(
+                "{n} routes in {pool} reached the ToR with (65010,77) and (65010,1,2) {:.2} s after the BGPConfiguration changed",
+                took.as_secs_f64()
+            ),
+            format!(
+                "gone {:.2} s after the prefixAdvertisements were removed",
+                gone.as_secs_f64()
+            ),
+        ],
+        ..Default::default()
+    })
 }
 
 /// Polls `f` every 200 ms until it gives a value or `limit` passes.
