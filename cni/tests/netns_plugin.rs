@@ -368,7 +368,11 @@ fn netns_delegated_ipam_host_local() {
         return;
     }
     if !std::path::Path::new("/usr/lib/cni/host-local").is_file() {
-        say("SKIPPED netns_delegated_ipam_host_local: /usr/lib/cni/host-local is not installed");
+        margay_testkit::skip(
+            "netns_delegated_ipam_host_local",
+            margay_testkit::Lack::Prerequisite,
+            "/usr/lib/cni/host-local is not installed (containernetworking-plugins; scripts/setup.sh installs it)",
+        );
         return;
     }
     let rt = runtime();

@@ -329,8 +329,8 @@ pub struct Agent {
     /// Neighbour and FDB entries this agent has written, to remove them when unwanted.
     tunnel_entries: (Vec<Neighbour>, Vec<FdbEntry>),
     vxlan: Option<VtepState>,
-    /// Whether the missing-IPIP error was logged already.
-    ipip_warned: bool,
+    /// Why IPIP devices cannot be made, as last logged (each new reason is logged once).
+    ipip_warned: Option<String>,
     /// The Kubernetes Node's labels (Kubernetes mode only), copied into the Margay Node, and
     /// when they were last read.
     k8s_labels: Option<BTreeMap<String, String>>,
@@ -421,7 +421,7 @@ impl Agent {
             tunnel_entries: Default::default(),
             vxlan: None,
             programmed: HashMap::new(),
-            ipip_warned: false,
+            ipip_warned: None,
             k8s_labels: None,
             k8s_labels_read: Instant::now(),
             bgp: None,
@@ -996,12 +996,19 @@ impl Agent {
             return Ok(false);
         }
         if let Err(e) = self.writer.run(|nl| nl.ipip_probe()).await? {
-            if !self.ipip_warned {
-                tracing::error!(error = %e, "a pool uses IPIP but this kernel cannot create ipip devices; IPIP routes are not programmed");
-                self.ipip_warned = true;
+            let why = if e.is_not_supported() {
+                format!("this kernel has no ipip module ({e})")
+            } else {
+                format!("creating an ipip device failed: {e}")
+            };
+            // Said once per distinct reason; a different failure is said again.
+            if self.ipip_warned.as_deref() != Some(why.as_str()) {
+                tracing::error!(reason = %why, "a pool uses IPIP but this node cannot make ipip devices; IPIP routes are not programmed");
+                self.ipip_warned = Some(why);
             }
             return Ok(false);
         }
+        self.ipip_warned = None;
         let addr = self
             .tunnel_address(TunnelKind::Ipip, published, &wanted)
             .await?;

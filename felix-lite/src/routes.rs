@@ -167,7 +167,7 @@ pub fn desired(inputs: &Inputs<'_>) -> Desired {
             } else {
                 out.skipped.push((
                     prefix,
-                    "the pool needs IPIP but this kernel has no ipip module".into(),
+                    "the pool needs IPIP but this node cannot make ipip devices (the agent's log says why)".into(),
                 ));
             }
         } else if direct {
@@ -349,7 +349,11 @@ mod tests {
             ipip_available: false,
         });
         assert!(d.routes.is_empty());
-        assert!(d.skipped[0].1.contains("no ipip module"), "{:?}", d.skipped);
+        assert!(
+            d.skipped[0].1.contains("cannot make ipip devices"),
+            "{:?}",
+            d.skipped
+        );
     }
 
     #[test]

@@ -96,24 +96,35 @@ fn wire_pod(node: &TestNetns, pod: &TestNetns, host_if: &str, ip: IpAddr) {
 }
 
 /// Runs `tcpdump` in `ns` on `iface` with `filter` while `traffic` runs; returns what it saw.
+/// A tcpdump that failed (rather than saw nothing for its 4 s) fails the test: "no packets"
+/// must mean no packets.
 fn capture(ns: &TestNetns, iface: &str, filter: &str, traffic: impl FnOnce()) -> String {
     let child = ns
         .command("timeout")
         .args(["4", "tcpdump", "-n", "-l", "-c", "3", "-i", iface, filter])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("tcpdump starts");
-    let guard = KillOnDrop(child);
+    let mut guard = KillOnDrop(child);
     std::thread::sleep(Duration::from_millis(500));
     traffic();
-    let mut guard = guard;
-    let out = guard.0.stdout.take().map(|mut s| {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut s, &mut text);
-        text
-    });
-    out.unwrap_or_default()
+    let mut text = String::new();
+    if let Some(mut s) = guard.0.stdout.take() {
+        std::io::Read::read_to_string(&mut s, &mut text).expect("reading tcpdump's output");
+    }
+    let status = guard.0.wait().expect("waiting for tcpdump");
+    let mut err = String::new();
+    if let Some(mut s) = guard.0.stderr.take() {
+        std::io::Read::read_to_string(&mut s, &mut err).expect("reading tcpdump's errors");
+    }
+    // 0: it saw its 3 packets; 124: `timeout` ended it after 4 s. Anything else: it failed.
+    assert!(
+        matches!(status.code(), Some(0) | Some(124)),
+        "tcpdump -i {iface} '{filter}' in {} failed ({status}): {err}",
+        ns.name()
+    );
+    text
 }
 
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {

@@ -29,8 +29,7 @@ struct Lab;
 
 impl Lab {
     fn up(args: &[&str]) -> Option<Lab> {
-        if !nix::unistd::Uid::effective().is_root() {
-            println!("SKIPPED lab test: needs root to build network namespaces");
+        if !margay_testkit::root_or_skip("lab test") {
             return None;
         }
         if args.contains(&"kubernetes") {

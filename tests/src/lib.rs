@@ -29,19 +29,103 @@ pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-/// Says, once per test process and suite, that `suite` did not run and why.
+/// The file the test command (`scripts/test.sh`) collects skips in, to list them in its
+/// summary: nextest shows nothing of a passing test's output.
+pub const SKIP_LOG_VAR: &str = "MARGAY_SKIP_LOG";
+
+/// What a test found missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lack {
+    /// Root, or something `scripts/setup.sh` installs: under `CI=true` the test fails.
+    Prerequisite,
+    /// A kernel feature this machine does not have (the ipip module, multipath routes, IPv4
+    /// routes via IPv6): a skip everywhere, listed in the summary. (A missing kube-apiserver
+    /// goes through [`apiserver::require_apiserver`], which fails under `CI=true`.)
+    KernelFeature,
+}
+
+/// Says that `test` does not run here, and why. A missing prerequisite under `CI=true` fails
+/// the test (this panics). Otherwise the line goes to stderr and to the test command's skip
+/// log, whose lines its summary prints; the caller then returns.
+pub fn skip(test: &str, lack: Lack, why: &str) {
+    if fails_under(lack, ci()) {
+        panic!("{test}: {why}; under CI=true a missing prerequisite is a failure, not a skip");
+    }
+    record_skip(test, why);
+}
+
+/// Whether a test lacking `lack` fails rather than skips.
+fn fails_under(lack: Lack, ci: bool) -> bool {
+    ci && lack == Lack::Prerequisite
+}
+
+/// Says, once per test process and suite, that `suite` did not run and why (see [`skip`]).
 pub fn skipped(suite: &str, why: &str) {
-    use std::io::Write;
     static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
     if said.iter().any(|s| s == suite) {
         return;
     }
     said.push(suite.to_owned());
+    record_skip(suite, why);
+}
+
+fn record_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {why}\n");
     // Straight to the process's stderr, past the harness's capture of print macros.
-    if let Err(e) = writeln!(std::io::stderr().lock(), "SKIPPED {suite}: {why}") {
-        panic!("could not say that {suite} was skipped: {e}");
+    if let Err(e) = std::io::stderr().lock().write_all(line.as_bytes()) {
+        panic!("could not say that {test} was skipped: {e}");
     }
+    if let Some(path) = std::env::var_os(SKIP_LOG_VAR) {
+        if let Err(e) = append_line(std::path::Path::new(&path), &line) {
+            panic!("could not record that {test} was skipped in {path:?}: {e}");
+        }
+    }
+}
+
+/// One append of one short line: whole, however many test processes write at once.
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+}
+
+/// True when running as root; otherwise says so through [`skip`] (a failure under `CI=true`).
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    skip(
+        test,
+        Lack::Prerequisite,
+        "needs root to create network namespaces",
+    );
+    false
+}
+
+/// True when `tool` is on `PATH`; otherwise says so through [`skip`] (a failure under
+/// `CI=true`: `scripts/setup.sh` installs every tool the tests use).
+pub fn tool_or_skip(test: &str, tool: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            std::fs::metadata(d.join(tool)).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            })
+        })
+    });
+    if !found {
+        skip(
+            test,
+            Lack::Prerequisite,
+            &format!("the {tool} command is not installed (scripts/setup.sh installs it)"),
+        );
+    }
+    found
 }
 
 /// `GET path` from the HTTP endpoint at `addr` (one request, connection closed after it):
@@ -67,4 +151,38 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16,
         .map(|(_, b)| b.to_owned())
         .ok_or_else(bad)?;
     Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_prerequisite_under_ci_fails() {
+        assert!(fails_under(Lack::Prerequisite, true));
+        assert!(!fails_under(Lack::Prerequisite, false));
+        assert!(!fails_under(Lack::KernelFeature, true));
+        assert!(!fails_under(Lack::KernelFeature, false));
+    }
+
+    #[test]
+    fn skip_lines_from_many_writers_arrive_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("skips");
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let log = &log;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        append_line(log, &format!("SKIPPED t{t}-{i}: why\n")).unwrap();
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 400);
+        assert!(text
+            .lines()
+            .all(|l| l.starts_with("SKIPPED t") && l.ends_with(": why")));
+    }
 }

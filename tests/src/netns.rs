@@ -6,14 +6,10 @@ use std::net::IpAddr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Whether the tests can build namespaces here. Prints a line saying why not when they cannot,
-/// so a skipped test is visible.
+/// Whether the tests can build namespaces here (root). When not, says so through
+/// [`crate::skip`]: listed in the test command's summary, and a failure under `CI=true`.
 pub fn can_build_namespaces(test: &str) -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("SKIPPED {test}: needs root to create network namespaces");
-        return false;
-    }
-    true
+    crate::root_or_skip(test)
 }
 
 /// A short prefix unique to this process and call, for namespace and interface names (which the

@@ -105,12 +105,13 @@ fn kernel_has_multipath(test: &str, m: &Ns) -> bool {
             "ip {fam} route add {dst} nexthop via {a} nexthop via {b}"
         ));
         if !out.status.success() {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "SKIPPED {test}: the kernel refuses a {fam} multipath route ({}); \
-                 is CONFIG_IP_ROUTE_MULTIPATH off?",
-                String::from_utf8_lossy(&out.stderr).trim()
+            margay_testkit::skip(
+                test,
+                margay_testkit::Lack::KernelFeature,
+                &format!(
+                    "the kernel refuses a {fam} multipath route ({}); is CONFIG_IP_ROUTE_MULTIPATH off?",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
             );
             return false;
         }

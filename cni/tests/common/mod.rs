@@ -26,15 +26,10 @@ pub fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
-/// Returns false (saying so) when the test cannot run here.
+/// Returns false (saying so) when the test cannot run here: not root. Under `CI=true` that
+/// fails the test instead.
 pub fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        say(&format!(
-            "SKIPPED {test}: needs root to create network namespaces"
-        ));
-        return false;
-    }
-    true
+    margay_testkit::root_or_skip(test)
 }
 
 pub fn unique(tag: &str) -> String {

@@ -60,6 +60,15 @@ pub enum KernelError {
     WriterGone,
 }
 
+impl KernelError {
+    /// Whether the kernel refused because it does not support what was asked (EOPNOTSUPP:
+    /// e.g. a link kind whose module this kernel does not have), rather than for a reason
+    /// that may pass (permissions, a name in use, a transient failure).
+    pub fn is_not_supported(&self) -> bool {
+        matches!(self, KernelError::Refused { errno, .. } if *errno == nix::errno::Errno::EOPNOTSUPP as i32)
+    }
+}
+
 fn ext_suffix(ext: &Option<String>) -> String {
     match ext {
         Some(m) => format!(" (kernel says: {m})"),

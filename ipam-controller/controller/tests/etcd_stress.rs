@@ -357,13 +357,12 @@ async fn short_stress_on_real_etcd() {
     assert!(o.kills >= 10, "only {} kills", o.kills);
 }
 
-/// The full run; its figures are in docs/ipam.md.
+/// The full run (50 nodes, 20,000 operations, several minutes); its figures are in
+/// docs/ipam.md. Not part of the test command: `cargo test -p margay-ipam-controller --test
+/// etcd_stress full_stress_on_real_etcd -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 50 nodes x 20,000 operations; run with --ignored (docs/ipam.md)"]
 async fn full_stress_on_real_etcd() {
-    if std::env::var_os("MARGAY_IPAM_STRESS_FULL").is_none() {
-        println!("full stress run skipped: set MARGAY_IPAM_STRESS_FULL=1 to run 50 nodes × 20,000 operations");
-        return;
-    }
     let total = 20_000;
     let o = run(50, total, Duration::from_millis(50)).await;
     print(&o, total);

@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::{bail, Context, Result};
+
 /// The outcome for one source/destination pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reach {
@@ -28,8 +30,10 @@ pub struct Endpoint {
     pub ip: IpAddr,
 }
 
-pub fn ping(from_ns: &str, to: IpAddr) -> bool {
-    Command::new("ip")
+/// One ICMP echo from `from_ns` to `to`: whether it was answered. A ping that could not run
+/// (no `ip` or `ping`, no namespace) is an error, not "no answer".
+pub fn ping(from_ns: &str, to: IpAddr) -> Result<bool> {
+    let out = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -41,46 +45,70 @@ pub fn ping(from_ns: &str, to: IpAddr) -> bool {
             &to.to_string(),
         ])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .context("running ip netns exec ... ping (iproute2, iputils-ping)")?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        // iputils: 1 is "no reply"; anything else is ping (or ip netns exec) failing.
+        Some(1) => Ok(false),
+        code => bail!(
+            "ping {to} from {from_ns} failed to run ({code:?}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
 }
 
-pub fn tcp(from_ns: &str, to: IpAddr, port: u16) -> bool {
+/// A TCP connect from `from_ns` to `to:port` within a second: whether it was accepted. Not
+/// being able to enter the namespace is an error.
+pub fn tcp(from_ns: &str, to: IpAddr, port: u16) -> Result<bool> {
     in_netns(from_ns, move || {
         TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_secs(1)).is_ok()
     })
-    .unwrap_or(false)
+    .with_context(|| format!("entering {from_ns} to connect to {to}:{port}"))
 }
 
-/// Probes every ordered pair of distinct endpoints; `result[i][j]` is from i to j.
-pub fn probe(endpoints: &[Endpoint]) -> Vec<Vec<Option<Reach>>> {
+/// One pair's outcome, or why it could not be probed.
+pub type Cell = std::result::Result<Reach, String>;
+
+/// Probes every ordered pair of distinct endpoints; `result[i][j]` is from i to j (`None` on
+/// the diagonal only). A probe that could not run, or whose thread panicked, is an `Err` cell.
+pub fn probe(endpoints: &[Endpoint]) -> Vec<Vec<Option<Cell>>> {
     let n = endpoints.len();
-    let mut out = vec![vec![None; n]; n];
+    let mut out: Vec<Vec<Option<Cell>>> = vec![vec![None; n]; n];
     let pairs: Vec<(usize, usize)> = (0..n)
         .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
         .collect();
-    let results: Vec<((usize, usize), Reach)> = std::thread::scope(|s| {
-        let handles: Vec<_> = pairs
-            .chunks(pairs.len().div_ceil(8).max(1))
+    let one = |i: usize, j: usize| -> Cell {
+        let (a, b) = (&endpoints[i], &endpoints[j]);
+        let icmp = ping(&a.netns, b.ip).map_err(|e| format!("{e:#}"))?;
+        let tcp = tcp(&a.netns, b.ip, plan::ECHO_PORT).map_err(|e| format!("{e:#}"))?;
+        Ok(Reach { icmp, tcp })
+    };
+    let chunks: Vec<&[(usize, usize)]> = pairs.chunks(pairs.len().div_ceil(8).max(1)).collect();
+    let results: Vec<((usize, usize), Cell)> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
             .map(|chunk| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|&(i, j)| {
-                            let (a, b) = (&endpoints[i], &endpoints[j]);
-                            let r = Reach {
-                                icmp: ping(&a.netns, b.ip),
-                                tcp: tcp(&a.netns, b.ip, plan::ECHO_PORT),
-                            };
-                            ((i, j), r)
-                        })
-                        .collect::<Vec<_>>()
-                })
+                let one = &one;
+                (
+                    *chunk,
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|&(i, j)| ((i, j), one(i, j)))
+                            .collect::<Vec<_>>()
+                    }),
+                )
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|(chunk, h)| match h.join() {
+                Ok(r) => r,
+                Err(_) => chunk
+                    .iter()
+                    .map(|&p| (p, Err("the probe thread panicked".to_owned())))
+                    .collect(),
+            })
             .collect()
     });
     for ((i, j), r) in results {
@@ -89,12 +117,29 @@ pub fn probe(endpoints: &[Endpoint]) -> Vec<Vec<Option<Reach>>> {
     out
 }
 
-pub fn full(m: &[Vec<Option<Reach>>]) -> bool {
-    m.iter().flatten().all(|r| r.is_none_or(|r| r.ok()))
+/// Whether every pair reached each other over ICMP and TCP. A pair that was not probed, or
+/// whose probe failed to run, is an error: it says nothing about reachability.
+pub fn full(endpoints: &[Endpoint], m: &[Vec<Option<Cell>>]) -> Result<bool> {
+    let mut all = true;
+    for (i, row) in m.iter().enumerate() {
+        for (j, cell) in row.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let (a, b) = (&endpoints[i].name, &endpoints[j].name);
+            match cell {
+                None => bail!("no probe result from {a} to {b}"),
+                Some(Err(e)) => bail!("probing from {a} to {b}: {e}"),
+                Some(Ok(r)) => all &= r.ok(),
+            }
+        }
+    }
+    Ok(all)
 }
 
-/// The matrix as a table: `✓` both probes passed, `i` ICMP only, `t` TCP only, `✗` neither.
-pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Reach>>]) -> String {
+/// The matrix as a table: `✓` both probes passed, `i` ICMP only, `t` TCP only, `✗` neither,
+/// `!` the probe could not run.
+pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Cell>>]) -> String {
     let label = |i: usize, e: &Endpoint| format!("{} {}", i + 1, e.name);
     let w = endpoints
         .iter()
@@ -113,10 +158,11 @@ pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Reach>>]) -> String {
         for cell in &m[i] {
             let c = match cell {
                 None => "·",
-                Some(r) if r.ok() => "✓",
-                Some(r) if r.icmp => "i",
-                Some(r) if r.tcp => "t",
-                Some(_) => "✗",
+                Some(Err(_)) => "!",
+                Some(Ok(r)) if r.ok() => "✓",
+                Some(Ok(r)) if r.icmp => "i",
+                Some(Ok(r)) if r.tcp => "t",
+                Some(Ok(_)) => "✗",
             };
             s.push_str(&format!(" {c:>3}"));
         }

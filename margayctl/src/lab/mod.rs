@@ -622,7 +622,7 @@ async fn up(
     let endpoints = endpoints(&st);
     let converged = loop {
         let m = matrix::probe(&endpoints);
-        if matrix::full(&m) {
+        if matrix::full(&endpoints, &m)? {
             break Some(t_pods.elapsed());
         }
         if t_pods.elapsed() > Duration::from_secs(90) {
@@ -969,7 +969,7 @@ async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
     print!("{}", crate::output::table(&["POD", "NODE", "IP"], &rows));
     let eps = endpoints(st);
     let m = matrix::probe(&eps);
-    println!("\nREACHABILITY (ICMP and TCP; ✓ both, i ICMP only, t TCP only, ✗ neither)");
+    println!("\nREACHABILITY (ICMP and TCP; ✓ both, i ICMP only, t TCP only, ✗ neither, ! probe failed to run)");
     print!("{}", matrix::render(&eps, &m));
     Ok(())
 }
@@ -1007,7 +1007,7 @@ async fn status() -> Result<ExitCode> {
     let store = connect_store(st.datastore).await?;
     print_picture(&st, &store).await?;
     let eps = endpoints(&st);
-    Ok(if matrix::full(&matrix::probe(&eps)) {
+    Ok(if matrix::full(&eps, &matrix::probe(&eps))? {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

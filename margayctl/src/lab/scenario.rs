@@ -81,7 +81,7 @@ async fn wait_full(eps: &[Endpoint], limit: Duration) -> Result<Duration> {
     let t = Instant::now();
     loop {
         let m = matrix::probe(eps);
-        if matrix::full(&m) {
+        if matrix::full(eps, &m)? {
             return Ok(t.elapsed());
         }
         if t.elapsed() > limit {
@@ -95,10 +95,12 @@ async fn wait_full(eps: &[Endpoint], limit: Duration) -> Result<Duration> {
 }
 
 /// Probes every ordered pair of `eps` over TCP every 100 ms in the background and records the
-/// longest time any pair went without an answer.
+/// longest time any pair went without an answer. A probe that cannot run stops it with an
+/// error, which `finish` returns: a gap it did not measure is not "no gap".
 struct GapProbe {
     stop: Arc<AtomicBool>,
     longest: Arc<Mutex<Duration>>,
+    failed: Arc<Mutex<Option<String>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -106,7 +108,8 @@ impl GapProbe {
     fn start(eps: Vec<Endpoint>) -> GapProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let longest = Arc::new(Mutex::new(Duration::ZERO));
-        let (s2, l2) = (stop.clone(), longest.clone());
+        let failed = Arc::new(Mutex::new(None));
+        let (s2, l2, f2) = (stop.clone(), longest.clone(), failed.clone());
         let handle = std::thread::spawn(move || {
             let n = eps.len();
             let mut last_ok = vec![vec![Instant::now(); n]; n];
@@ -117,12 +120,18 @@ impl GapProbe {
                             continue;
                         }
                         let now = Instant::now();
-                        if matrix::tcp(&eps[i].netns, eps[j].ip, plan::ECHO_PORT) {
-                            last_ok[i][j] = now;
-                        } else {
-                            let gap = now - last_ok[i][j];
-                            let mut l = l2.lock().unwrap_or_else(|p| p.into_inner());
-                            *l = (*l).max(gap);
+                        match matrix::tcp(&eps[i].netns, eps[j].ip, plan::ECHO_PORT) {
+                            Ok(true) => last_ok[i][j] = now,
+                            Ok(false) => {
+                                let gap = now - last_ok[i][j];
+                                let mut l = l2.lock().unwrap_or_else(|p| p.into_inner());
+                                *l = (*l).max(gap);
+                            }
+                            Err(e) => {
+                                *f2.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(format!("{e:#}"));
+                                return;
+                            }
                         }
                     }
                 }
@@ -132,20 +141,25 @@ impl GapProbe {
         GapProbe {
             stop,
             longest,
+            failed,
             handle: Some(handle),
         }
     }
 
-    fn finish(mut self) -> Duration {
+    fn finish(mut self) -> Result<Duration> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            if h.join().is_err() {
+                bail!("the reachability probe panicked: the gap was not measured");
+            }
         }
-        *self.longest.lock().unwrap_or_else(|p| p.into_inner())
+        if let Some(e) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            bail!("the reachability probe could not run: {e}");
+        }
+        Ok(*self.longest.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
-/// Waits until the agent in `node_ns` has `n` established BGP sessions.
 async fn wait_sessions(node_ns: &str, n: u64) -> Result<()> {
     let t = Instant::now();
     loop {
@@ -221,6 +235,10 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
     if kube {
         kube::pod_namespace(&st.bin_dir, "churn")?;
     }
+    // The survivors are probed all through the churn (and their full matrix checked after
+    // each wave's ADDs, with the wave's pods alive): churn must not touch their routes.
+    let probe = GapProbe::start(base.clone());
+    let mut during = Duration::ZERO;
     // In waves of 10, so that pods exist side by side and addresses get reused.
     for wave in 0..10u32 {
         let mut wave_pods = Vec::new();
@@ -252,6 +270,11 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
             created += 1;
             wave_pods.push(pod);
         }
+        during = during.max(
+            wait_full(&base, Duration::from_secs(5))
+                .await
+                .with_context(|| format!("survivors' matrix during wave {wave} of the churn"))?,
+        );
         for pod in &wave_pods {
             let state_dir = Path::new(plan::STATE_DIR).join(&pod.node);
             pods::cni(&st.bin_dir, "DEL", pod, &state_dir, st.datastore)?;
@@ -261,13 +284,20 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
             }
         }
     }
+    let gap = probe.finish()?;
+    ensure!(
+        gap < Duration::from_secs(1),
+        "a surviving pod pair went {gap:?} without a TCP answer during the churn"
+    );
     let took = wait_full(&base, Duration::from_secs(30)).await?;
     ipam_check(st, store).await?;
     Ok(Outcome {
+        longest_gap: Some(gap),
         notes: vec![
             format!("{created} pods created and deleted through the CNI plugin"),
             format!(
-                "survivors' matrix full ({:.2} s to confirm)",
+                "survivors' matrix full after every wave's ADDs (longest wait {:.2} s) and after the churn ({:.2} s to confirm)",
+                during.as_secs_f64(),
                 took.as_secs_f64()
             ),
             "margayctl ipam check: clean".into(),
@@ -386,7 +416,7 @@ async fn node_loss(st: &mut LabState) -> Result<Outcome> {
             during = Err(anyhow::anyhow!("node1's route to node2's pods changed while node2's agent was down: {block} -> {now}"));
             break;
         }
-        if !matrix::ping(&survivors[0].netns, victim_pod) {
+        if !matrix::ping(&survivors[0].netns, victim_pod)? {
             during = Err(anyhow::anyhow!(
                 "{} could not reach node2's pod {victim_pod} while node2's agent was down",
                 survivors[0].name
@@ -399,7 +429,7 @@ async fn node_loss(st: &mut LabState) -> Result<Outcome> {
     during?;
     let all = endpoints(st);
     let back = wait_full(&all, Duration::from_secs(60)).await?;
-    let gap = probe.finish();
+    let gap = probe.finish()?;
     ensure!(
         gap < Duration::from_secs(1),
         "surviving pods lost each other for {gap:?} while node2's agent was down"
@@ -483,7 +513,7 @@ async fn mesh_to_rr(st: &mut LabState, store: &Store) -> Result<Outcome> {
         .await
         .context("with the mesh off node2 should keep two sessions: the reflector and the ToR")?;
     let took = wait_full(&eps, Duration::from_secs(30)).await?;
-    let gap = probe.finish();
+    let gap = probe.finish()?;
     ensure!(
         gap < Duration::from_secs(5),
         "a pod lost reachability for {gap:?} during the switch"
@@ -511,12 +541,12 @@ fn external_access(st: &LabState) -> Result<Outcome> {
     for p in &st.pods {
         let Some(ip) = p.ip else { continue };
         ensure!(
-            matrix::ping(plan::OUTSIDE_NS, ip),
+            matrix::ping(plan::OUTSIDE_NS, ip)?,
             "the outside host cannot reach {} ({ip})",
             p.name
         );
         ensure!(
-            matrix::tcp(plan::OUTSIDE_NS, ip, plan::ECHO_PORT),
+            matrix::tcp(plan::OUTSIDE_NS, ip, plan::ECHO_PORT)?,
             "the outside host cannot connect to {} ({ip})",
             p.name
         );
@@ -548,23 +578,31 @@ fn nat(st: &LabState) -> Result<Outcome> {
             "icmp[icmptype] == icmp-echo",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("running tcpdump (install tcpdump)")?;
     std::thread::sleep(Duration::from_millis(700));
     for p in &st.pods {
         ensure!(
-            matrix::ping(&p.netns, plan::OUTSIDE_ADDR.into()),
+            matrix::ping(&p.netns, plan::OUTSIDE_ADDR.into())?,
             "{} cannot reach the outside host",
             p.name
         );
     }
     std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
+    // `timeout` passes SIGINT on; tcpdump then prints what it has and exits 0.
+    nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(dump.id() as i32),
         nix::sys::signal::Signal::SIGINT,
-    );
+    )
+    .context("stopping tcpdump")?;
     let out = dump.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "tcpdump on the outside host failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     let seen = String::from_utf8_lossy(&out.stdout);
     let sources: std::collections::BTreeSet<String> = seen
         .lines()
@@ -681,8 +719,7 @@ async fn communities(st: &LabState, store: &Store) -> Result<Outcome> {
         Duration::from_secs(30),
         async || {
             let r = bird_routes(&pool)?;
-            Ok(r
-                .iter()
+            Ok(r.iter()
                 .all(|(_, a)| !a.contains(standard) && !a.contains(large))
                 .then_some(()))
         },

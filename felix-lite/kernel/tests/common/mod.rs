@@ -10,33 +10,21 @@ use margay_kernel::Netlink;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Prints a `SKIPPED <test>: <why>` line straight to the process's stderr, which the test
-/// harness does not capture, so it shows in every run.
+/// Says that `test` did not run because this kernel lacks a feature (listed in the test
+/// command's summary; allowed under `CI=true`).
 pub fn skipped(test: &str, why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+    margay_testkit::skip(test, margay_testkit::Lack::KernelFeature, why);
 }
 
-/// Returns false (after printing a SKIPPED line) when the test cannot run here.
+/// Returns false (after saying so) when the test cannot run here: not root. Under `CI=true`
+/// that fails the test instead.
 pub fn can_run(test: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        skipped(test, "needs root to create network namespaces");
-        return false;
-    }
-    true
+    margay_testkit::root_or_skip(test)
 }
 
-/// Returns false (after printing a SKIPPED line) when `tool` is missing.
+/// Returns false (after saying so) when `tool` is missing; a failure under `CI=true`.
 pub fn have_tool(test: &str, tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        skipped(test, &format!("the {tool} command is not installed"));
-    }
-    ok
+    margay_testkit::tool_or_skip(test, tool)
 }
 
 /// A fresh namespace `mgk-<pid>-<n>`, deleted on drop.
