@@ -619,6 +619,9 @@ fn interop_graceful_restart_kill9_keeps_forwarding() {
     let state = dir.path().join("state");
     let yaml = tor_margay_yaml("", &format!("state_dir: {}\n", state.display()))
         .replace("bgp:\n", "bgp:\n  graceful_restart: { restart_time: 30 }\n");
+    // What margay sends on the wire, from its first start to after the restart: the OPENs'
+    // graceful restart capability is read from these bytes, not from margay's log.
+    let capture = OpenCapture::start(&t.m, "10.0.0.2");
     let mut g = margay(&t.m, dir.path(), &yaml);
     wait_for(T, "BIRD to learn 10.200.0.0/24", || {
         b.route("10.200.0.0/24")
@@ -667,7 +670,152 @@ fn interop_graceful_restart_kill9_keeps_forwarding() {
         .to_owned();
     let accepted = withdraws.split_whitespace().last().unwrap_or("?");
     assert_eq!(accepted, "0", "BIRD saw a withdrawal: {withdraws}\n{stats}");
-    assert!(g.proc.log_text().contains("restarting gracefully"));
+    // On the wire: the first start's OPEN has the R bit clear, the restart's has it set, and
+    // both carry the configured restart time.
+    let opens = capture.finish();
+    let gr: Vec<(bool, u16)> = opens.iter().filter_map(|o| graceful_restart(o)).collect();
+    assert!(
+        gr.len() >= 2,
+        "two OPENs with the graceful restart capability from margay: {opens:02x?}"
+    );
+    assert_eq!(gr[0], (false, 30), "the first start: R bit clear");
+    assert_eq!(gr[gr.len() - 1], (true, 30), "after kill -9: R bit set");
+}
+
+/// tcpdump in a namespace, recording the BGP OPEN messages one address sends.
+struct OpenCapture {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    /// The rest of tcpdump's stderr, read to its end.
+    errors: std::thread::JoinHandle<String>,
+    _dir: TestDir,
+}
+
+impl OpenCapture {
+    fn start(ns: &Ns, from: &str) -> OpenCapture {
+        require("tcpdump");
+        let dir = TestDir::new();
+        let out = dir.path().join("capture.txt");
+        let mut child = ns
+            .cmd("tcpdump")
+            .args(["-i", "any", "-nn", "-l", "-x", "-s", "0"])
+            .arg(format!("src host {from} and tcp port 179"))
+            .stdout(std::fs::File::create(&out).expect("capture file"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting tcpdump");
+        // tcpdump says "listening on" once it captures; nothing may be sent before.
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("tcpdump's stderr"));
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            let n =
+                std::io::BufRead::read_line(&mut err, &mut said).expect("reading tcpdump's stderr");
+            assert!(n > 0, "tcpdump ended before it listened: {said}");
+        }
+        let errors = std::thread::spawn(move || {
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut err, &mut rest)
+                .map(|_| rest)
+                .unwrap_or_else(|e| e.to_string())
+        });
+        OpenCapture {
+            child,
+            out,
+            errors,
+            _dir: dir,
+        }
+    }
+
+    /// Stops tcpdump (it must have run without error) and returns the OPEN messages seen.
+    fn finish(mut self) -> Vec<Vec<u8>> {
+        use nix::sys::signal::{kill, Signal};
+        kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGINT,
+        )
+        .expect("stopping tcpdump");
+        let status = self.child.wait().expect("tcpdump exits");
+        let errors = self.errors.join().expect("reading tcpdump's stderr");
+        assert!(status.success(), "tcpdump failed ({status}): {errors}");
+        let text = std::fs::read_to_string(&self.out).expect("reading the capture");
+        tcp_payloads(&text)
+            .iter()
+            .flat_map(|p| bgp_messages(p))
+            .filter(|m| m.first() == Some(&1))
+            .collect()
+    }
+}
+
+/// The TCP payloads of the IPv4 packets `tcpdump -x` printed (the hex starts at the IP
+/// header).
+fn tcp_payloads(dump: &str) -> Vec<Vec<u8>> {
+    let mut packets: Vec<Vec<u8>> = Vec::new();
+    for line in dump.lines() {
+        let t = line.trim_start();
+        match t.strip_prefix("0x").and_then(|r| r.split_once(':')) {
+            Some((_, hex)) if line.starts_with(char::is_whitespace) => {
+                let bytes = packets.last_mut().expect("hex after a packet line");
+                for group in hex.split_whitespace() {
+                    for i in (0..group.len()).step_by(2) {
+                        bytes.push(u8::from_str_radix(&group[i..i + 2], 16).expect("hex"));
+                    }
+                }
+            }
+            _ => packets.push(Vec::new()),
+        }
+    }
+    packets
+        .into_iter()
+        .filter(|p| p.len() >= 20 && p[0] >> 4 == 4)
+        .filter_map(|p| {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+            let tcp = p.get(ihl..total)?;
+            let off = usize::from(tcp.get(12)? >> 4) * 4;
+            Some(tcp.get(off..)?.to_vec())
+        })
+        .filter(|payload| !payload.is_empty())
+        .collect()
+}
+
+/// The BGP messages in one TCP payload, each as its type byte followed by its body.
+fn bgp_messages(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while b.len() >= 19 && b[..16].iter().all(|x| *x == 0xff) {
+        let len = usize::from(u16::from_be_bytes([b[16], b[17]]));
+        if len < 19 || len > b.len() {
+            break;
+        }
+        out.push(b[18..len].to_vec());
+        b = &b[len..];
+    }
+    out
+}
+
+/// The graceful restart capability (RFC 4724, code 64) of an OPEN (type byte first): its R
+/// bit and restart time.
+fn graceful_restart(open: &[u8]) -> Option<(bool, u16)> {
+    // type, version, my AS (2), hold time (2), BGP identifier (4), optional parameters.
+    let params_len = usize::from(*open.get(10)?);
+    let mut params = open.get(11..11 + params_len)?;
+    while params.len() >= 2 {
+        let (ty, len) = (params[0], usize::from(params[1]));
+        let value = params.get(2..2 + len)?;
+        if ty == 2 {
+            let mut caps = value;
+            while caps.len() >= 2 {
+                let (code, clen) = (caps[0], usize::from(caps[1]));
+                let cv = caps.get(2..2 + clen)?;
+                if code == 64 && cv.len() >= 2 {
+                    let word = u16::from_be_bytes([cv[0], cv[1]]);
+                    return Some((word & 0x8000 != 0, word & 0x0fff));
+                }
+                caps = &caps[2 + clen..];
+            }
+        }
+        params = &params[2 + len..];
+    }
+    None
 }
 
 /// The route to `prefix` in `ns`'s main table as `ip -N -j` gives it (protocols as
