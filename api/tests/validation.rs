@@ -111,6 +111,13 @@ const POOL_CASES: &[Case] = &[
         "at least one",
     ),
     (
+        "VXLAN on an IPv6 pool (not carried yet)",
+        "metadata: {name: p}\nspec: {cidr: 'fd00:10::/48', vxlanMode: CrossSubnet}",
+        "spec.vxlanMode",
+        "CrossSubnet",
+        "does not carry IPv6 in VXLAN",
+    ),
+    (
         "load-balancer use (service addresses are not allocated or advertised yet)",
         "metadata: {name: p}\nspec: {cidr: 10.0.0.0/16, allowedUses: [LoadBalancer]}",
         "spec.allowedUses[0]",

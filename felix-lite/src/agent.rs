@@ -326,6 +326,9 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     address: Option<IpNet>,
+    /// This node's IPv6 address (`IP6`), published in its Node: other nodes route its IPv6
+    /// blocks to it, and it is the next hop of the IPv6 routes it announces.
+    address6: Option<IpNet>,
     /// Neighbour and FDB entries this agent has written, to remove them when unwanted.
     tunnel_entries: (Vec<Neighbour>, Vec<FdbEntry>),
     vxlan: Option<VtepState>,
@@ -403,7 +406,21 @@ impl Agent {
                 )
             }
         };
-        tracing::info!(node = %node, address = ?address, "node address");
+        let address6 = match &cfg.ipv6 {
+            AddressSetting::Fixed(n) => Some(*n),
+            AddressSetting::None => None,
+            AddressSetting::Autodetect => {
+                let addrs = crate::autodetect::interface_addresses()
+                    .map_err(|e| AgentError::Address(e.to_string()))?;
+                Some(
+                    cfg.ipv6_method
+                        .select(&addrs, true)
+                        .map_err(|e| AgentError::Address(format!("IPv6: {e}")))?
+                        .address,
+                )
+            }
+        };
+        tracing::info!(node = %node, address = ?address, address6 = ?address6, "node addresses");
         let (writer, _thread) = RouteWriter::spawn(None)?;
         let status = Status {
             health: health.clone(),
@@ -418,6 +435,7 @@ impl Agent {
             metrics,
             health,
             address,
+            address6,
             tunnel_entries: Default::default(),
             vxlan: None,
             programmed: HashMap::new(),
@@ -562,6 +580,7 @@ impl Agent {
         let want = crate::bgp::desired_peers_both_ways(&crate::bgp::PeerInputs {
             me: &self.node,
             my_ip: self.address.map(|a| a.addr()),
+            my_ip6: self.address6.map(|a| a.addr()),
             secrets: &secrets,
             my_labels: &labels,
             nodes: &nodes,
@@ -782,6 +801,7 @@ impl Agent {
                 .unwrap_or_else(|| Node::new(&self.node, Default::default()));
             let mut bgp = n.spec.bgp.clone().unwrap_or_else(NodeBGPSpec::default);
             bgp.ipv4_address = self.address.map(|a| a.to_string());
+            bgp.ipv6_address = self.address6.map(|a| a.to_string());
             if self.cfg.as_number.is_some() {
                 bgp.as_number = self.cfg.as_number;
             }
@@ -861,7 +881,7 @@ impl Agent {
             })
             .map(|a| a.address)
             .collect();
-        if let Some(a) = self.address {
+        for a in [self.address, self.address6].into_iter().flatten() {
             if !out.contains(&a) {
                 out.push(a);
             }
@@ -1113,8 +1133,15 @@ impl Agent {
         .await;
         tracing::debug!(?drained, "pending CNI releases");
         let pools = self.my_pools();
-        // Sysctls first: forwarding is what makes this machine a router for its pods.
+        // Sysctls first: forwarding is what makes this machine a router for its pods (IPv6
+        // too, once the node has an IPv6 address or one of its pools is IPv6).
         margay_kernel::sysctl::set_ipv4_forwarding(true)?;
+        let v6_pools = pools
+            .iter()
+            .any(|p| p.spec.network().is_some_and(|n| n.addr().is_ipv6()));
+        if self.address6.is_some() || v6_pools {
+            margay_kernel::sysctl::set_ipv6_forwarding(true)?;
+        }
         // MTU: the host's, less the largest overhead any of this node's pools can add.
         let host_mtu = self
             .writer

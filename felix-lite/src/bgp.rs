@@ -59,6 +59,9 @@ pub struct PeerInputs<'a> {
     /// This node's address as the agent detected it (not as the datastore last echoed it, so
     /// peers never flap while the Node object catches up).
     pub my_ip: Option<IpAddr>,
+    /// This node's IPv6 address, when it has one: the next hop of the IPv6 routes it
+    /// announces (over IPv4 sessions too), and the source of sessions to IPv6 peers.
+    pub my_ip6: Option<IpAddr>,
     pub my_labels: &'a BTreeMap<String, String>,
     pub nodes: &'a [Node],
     pub config: Option<&'a BGPConfiguration>,
@@ -154,7 +157,7 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
                 return;
             }
         }
-        apply_peer_spec(&mut p, from, my_ip);
+        apply_peer_spec(&mut p, from, my_ip, i.my_ip6);
         p.rr_client = i_reflect && !is_reflector(n) && p.asn == my_as;
         out.insert(ip, p);
     };
@@ -194,7 +197,7 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
                     continue;
                 }
             }
-            apply_peer_spec(&mut p, bp, my_ip);
+            apply_peer_spec(&mut p, bp, my_ip, i.my_ip6);
             if let Some(std::net::IpAddr::V4(rid)) = my_ip {
                 p.export = own_routes_only(origin_tag(my_as, rid));
             }
@@ -282,7 +285,12 @@ pub fn effective_config(
     }
 }
 
-fn apply_peer_spec(p: &mut PeerConfig, bp: &BGPPeer, my_ip: Option<IpAddr>) {
+fn apply_peer_spec(
+    p: &mut PeerConfig,
+    bp: &BGPPeer,
+    my_ip: Option<IpAddr>,
+    my_ip6: Option<IpAddr>,
+) {
     let s = &bp.spec;
     if let Some(k) = s.keepalive_time.as_deref().and_then(parse_duration) {
         p.hold_time = if k.is_zero() {
@@ -297,7 +305,13 @@ fn apply_peer_spec(p: &mut PeerConfig, bp: &BGPPeer, my_ip: Option<IpAddr>) {
         ApiNextHop::Keep => NextHopMode::Keep,
     };
     if s.source_address.unwrap_or_default() == SourceAddress::UseNodeIP {
-        p.local_address = my_ip.filter(|ip| ip.is_ipv4() == p.address.is_ipv4());
+        p.local_address = [my_ip, my_ip6]
+            .into_iter()
+            .flatten()
+            .find(|ip| ip.is_ipv4() == p.address.is_ipv4());
+    }
+    if let Some(IpAddr::V6(a)) = my_ip6 {
+        p.next_hop_v6 = Some(a);
     }
     p.ttl_security = s.ttl_security;
     p.max_prefixes = s.max_prefixes;
@@ -642,6 +656,7 @@ mod tests {
         desired_peers(&PeerInputs {
             me,
             my_ip: None,
+            my_ip6: None,
             secrets: &BTreeMap::new(),
             my_labels: &my_labels,
             nodes,
@@ -731,6 +746,7 @@ mod tests {
         let got = desired_peers(&PeerInputs {
             me: "a",
             my_ip: None,
+            my_ip6: None,
             secrets: &BTreeMap::new(),
             my_labels: &my_labels,
             nodes: &nodes,
@@ -802,6 +818,7 @@ mod tests {
         let got = desired_peers(&PeerInputs {
             me: "a",
             my_ip: None,
+            my_ip6: None,
             my_labels: &labels,
             nodes: &nodes,
             config: Some(&cfg),

@@ -197,6 +197,24 @@ fn lab_with_margay_bgpd_as_route_reflector() {
     lab.scenario("external-access");
 }
 
+/// Dual stack: every pod has an address of each family, and every pod reaches every address
+/// (across nodes in one subnet directly, to node 3's subnet through the BIRD ToR, which
+/// learned the IPv6 blocks over the same sessions).
+#[test]
+fn lab_dual_stack_full_matrix_in_both_families() {
+    let Some(_lab) = Lab::up(&["--ipv6"]) else {
+        return;
+    };
+    // `lab status` exits non-zero unless the matrix, both families, is full.
+    let out = margayctl(&["lab", "status"]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(
+        s.contains("fd00:10:244:") && s.contains("pod-node3-1 v6"),
+        "{s}"
+    );
+}
+
 // ===== the same on the Kubernetes datastore =====
 
 const KUBE: &[&str] = &["--datastore", "kubernetes"];
@@ -223,6 +241,20 @@ fn lab_kubernetes_up_status_gc_failover_and_invalid_pool() {
     let s = lab.scenario("invalid-pool");
     assert!(
         s.contains("Valid=False") && s.contains("was refused"),
+        "{s}"
+    );
+}
+
+#[test]
+fn lab_kubernetes_dual_stack_full_matrix_in_both_families() {
+    let Some(_lab) = Lab::up(&kube(&["--ipv6"])) else {
+        return;
+    };
+    let out = margayctl(&["lab", "status"]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(
+        s.contains("fd00:10:244:") && s.contains("pod-node3-1 v6"),
         "{s}"
     );
 }

@@ -78,7 +78,11 @@ fn default_node_selector() -> String {
     },
     {
         "rule": "!(self.cidr.contains(':') && has(self.ipipMode) && self.ipipMode != 'Never')",
-        "message": "ipipMode carries only IPv4: use vxlanMode for an IPv6 pool"
+        "message": "ipipMode carries only IPv4: an IPv6 pool is routed without encapsulation"
+    },
+    {
+        "rule": "!(self.cidr.contains(':') && has(self.vxlanMode) && self.vxlanMode != 'Never')",
+        "message": "Margay does not carry IPv6 in VXLAN yet: an IPv6 pool is routed without encapsulation"
     },
     {
         "rule": "!has(self.blockSize) || (self.cidr.contains(':') ? self.blockSize >= 116 : self.blockSize <= 32)",
@@ -209,7 +213,14 @@ impl IPPool {
                 errs.add(
                     "spec.ipipMode",
                     format!("{:?}", s.ipip_mode),
-                    "IP-in-IP carries only IPv4; use vxlanMode for an IPv6 pool",
+                    "IP-in-IP carries only IPv4; an IPv6 pool is routed without encapsulation",
+                );
+            }
+            if net.addr().is_ipv6() && s.vxlan_mode.is_enabled() {
+                errs.add(
+                    "spec.vxlanMode",
+                    format!("{:?}", s.vxlan_mode),
+                    "Margay does not carry IPv6 in VXLAN yet; an IPv6 pool is routed without encapsulation (BGP to the nodes' IPv6 addresses)",
                 );
             }
         }

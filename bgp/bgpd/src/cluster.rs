@@ -853,6 +853,7 @@ impl Reflector {
         let want = peering::desired_peers_both_ways(&PeerInputs {
             me: &name,
             my_ip: Some(self.registration.ipv4.addr()),
+            my_ip6: self.registration.ipv6.map(|a| a.addr()),
             my_labels: &labels,
             nodes: &nodes,
             config: config.as_ref(),
@@ -1328,6 +1329,7 @@ mod tests {
             let i = PeerInputs {
                 me,
                 my_ip: None,
+                my_ip6: None,
                 my_labels: labels,
                 nodes: &nodes,
                 config: Some(&cfg),

@@ -175,7 +175,10 @@ pub fn render(endpoints: &[Endpoint], m: &[Vec<Option<Cell>>]) -> String {
 /// the pod's name.
 pub fn serve_echo(port: u16, name: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    // Both families on one socket (IPv6 with v4-mapped addresses), where the pod has IPv6;
+    // IPv4 alone otherwise.
+    let listener = std::net::TcpListener::bind(("::", port))
+        .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port)))?;
     for mut c in listener.incoming().flatten() {
         let _ = c.write_all(format!("{name}\n").as_bytes());
     }

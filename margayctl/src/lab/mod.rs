@@ -51,6 +51,11 @@ pub enum LabCommand {
         /// Where the Margay binaries are (default: next to margayctl).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Dual stack: IPv6 addresses on the fabric and the nodes, an IPv6 pool
+        /// (fd00:10:244::/48, routed over BGP to the nodes' IPv6 addresses), pods with an
+        /// address of each family, and the matrix in both.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Print the picture of the running lab.
     Status,
@@ -110,6 +115,9 @@ struct LabState {
     router: Option<Router>,
     #[serde(default)]
     datastore: Datastore,
+    /// Dual stack (`--ipv6`).
+    #[serde(default)]
+    ipv6: bool,
     bin_dir: PathBuf,
     daemons: Vec<Daemon>,
     pods: Vec<Pod>,
@@ -170,6 +178,7 @@ pub async fn run(cmd: &LabCommand, datastore: Option<&str>) -> Result<ExitCode> 
             encap,
             router,
             bin_dir,
+            ipv6,
         } => {
             up(
                 *nodes,
@@ -178,6 +187,7 @@ pub async fn run(cmd: &LabCommand, datastore: Option<&str>) -> Result<ExitCode> 
                 *router,
                 datastore,
                 bin_dir.clone(),
+                *ipv6,
             )
             .await
         }
@@ -288,7 +298,7 @@ fn add_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn build_fabric(nodes: &[plan::NodePlan]) -> Result<()> {
+fn build_fabric(nodes: &[plan::NodePlan], ipv6: bool) -> Result<()> {
     use plan::Subnet;
     for s in [Subnet::A, Subnet::B] {
         add_netns(&s.bridge_ns())?;
@@ -311,6 +321,17 @@ fn build_fabric(nodes: &[plan::NodePlan]) -> Result<()> {
         &format!("{}/24", Subnet::B.router_addr()),
     )?;
     proc::exec_in(plan::ROUTER_NS, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    if ipv6 {
+        for (s, dev) in [(Subnet::A, "eth0"), (Subnet::B, "eth1")] {
+            let a = format!("{}/64", s.router_addr6());
+            proc::ip_in(plan::ROUTER_NS, &["addr", "add", &a, "dev", dev, "nodad"])?;
+        }
+        proc::exec_in(
+            plan::ROUTER_NS,
+            "sysctl",
+            &["-qw", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+    }
     // The outside host sits behind the router on a link of its own.
     add_netns(plan::OUTSIDE_NS)?;
     proc::ip(&[
@@ -390,6 +411,23 @@ fn build_fabric(nodes: &[plan::NodePlan]) -> Result<()> {
                 &n.subnet.router_addr().to_string(),
             ],
         )?;
+        if ipv6 {
+            proc::ip_in(
+                &n.netns,
+                &["addr", "add", &n.addr6_cidr(), "dev", "eth0", "nodad"],
+            )?;
+            proc::ip_in(
+                &n.netns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &n.subnet.router_addr6().to_string(),
+                ],
+            )?;
+        }
     }
     Ok(())
 }
@@ -446,7 +484,7 @@ fn datastore_env(datastore: Datastore, who: &str) -> Vec<(String, String)> {
     }
 }
 
-fn node_env(n: &plan::NodePlan, datastore: Datastore) -> Vec<(String, String)> {
+fn node_env(n: &plan::NodePlan, datastore: Datastore, ipv6: bool) -> Vec<(String, String)> {
     let state = Path::new(plan::STATE_DIR).join(&n.name);
     let mut env = vec![("NODENAME".into(), n.name.clone())];
     env.extend(datastore_env(datastore, "margay-node"));
@@ -458,6 +496,9 @@ fn node_env(n: &plan::NodePlan, datastore: Datastore) -> Vec<(String, String)> {
         ("MARGAY_METRICS_LISTEN".into(), "127.0.0.1:9091".into()),
         ("MARGAY_RESYNC_INTERVAL".into(), "30s".into()),
     ]);
+    if ipv6 {
+        env.push(("IP6".into(), n.addr6_cidr()));
+    }
     env
 }
 
@@ -469,7 +510,7 @@ fn start_node(st: &mut LabState, n: &plan::NodePlan) -> Result<()> {
         &n.netns,
         &st.bin_dir.join("margay-node"),
         &[],
-        &node_env(n, st.datastore),
+        &node_env(n, st.datastore, st.ipv6),
         &dir.join("margay-node.log"),
     )?;
     st.daemons.retain(|x| x.name != d.name);
@@ -484,6 +525,7 @@ async fn up(
     router: Router,
     datastore: Datastore,
     bin: Option<PathBuf>,
+    ipv6: bool,
 ) -> Result<ExitCode> {
     let t0 = Instant::now();
     if LabState::load()?.is_some() || !proc::namespaces_with_prefix(plan::PREFIX).is_empty() {
@@ -501,15 +543,19 @@ async fn up(
         encap: Some(encap),
         router: Some(router),
         datastore,
+        ipv6,
         bin_dir: bin_dir.clone(),
         ..Default::default()
     };
     st.save()?;
+    if ipv6 {
+        std::fs::write(plan::ipv6_marker(), "dual stack\n")?;
+    }
 
     step(&format!(
         "building the fabric: subnets A and B, a router, {n_nodes} nodes"
     ));
-    build_fabric(&nodes)?;
+    build_fabric(&nodes, ipv6)?;
 
     step("starting etcd");
     let etcd_dir = Path::new(plan::STATE_DIR).join("etcd");
@@ -575,6 +621,21 @@ async fn up(
             },
         ))
         .await?;
+    if ipv6 {
+        step(&format!(
+            "creating the IPv6 pool {} (no encapsulation)",
+            plan::POOL6_CIDR
+        ));
+        store
+            .create(&IPPool::new(
+                "default-ipv6",
+                IPPoolSpec {
+                    cidr: plan::POOL6_CIDR.into(),
+                    ..Default::default()
+                },
+            ))
+            .await?;
+    }
     store
         .create(&BGPConfiguration::new(
             "default",
@@ -701,7 +762,7 @@ fn start_router(st: &mut LabState, nodes: &[plan::NodePlan], router: Router) -> 
     let d = match router {
         Router::Bird => {
             let conf = dir.join("bird.conf");
-            std::fs::write(&conf, plan::bird_config(nodes))?;
+            std::fs::write(&conf, plan::bird_config(nodes, st.ipv6))?;
             proc::spawn_daemon(
                 "router",
                 plan::ROUTER_NS,
@@ -833,6 +894,7 @@ fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Resu
         netns: netns.clone(),
         container_id: pods::container_id(&n.name, name, std::process::id() as u64),
         ip: None,
+        ip6: None,
         echo: None,
     };
     st.pods.push(pod.clone());
@@ -843,6 +905,10 @@ fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Resu
     }
     let result = pods::cni(&st.bin_dir, "ADD", &pod, &state_dir, st.datastore)?;
     pod.ip = pods::result_ip(&result);
+    pod.ip6 = pods::result_ip6(&result);
+    if st.ipv6 && pod.ip6.is_none() {
+        bail!("{name} got no IPv6 address in a dual-stack lab: {result}");
+    }
     let me = std::env::current_exe()?;
     pod.echo = Some(proc::spawn_daemon(
         &format!("echo-{name}"),
@@ -864,15 +930,23 @@ fn create_pod(st: &mut LabState, n: &plan::NodePlan, name: &str, i: u32) -> Resu
     Ok(pod)
 }
 
+/// Every pod address as a probe target: a dual-stack pod is two endpoints, so the matrix
+/// covers both families (from every pod to every address).
 fn endpoints(st: &LabState) -> Vec<matrix::Endpoint> {
     st.pods
         .iter()
-        .filter_map(|p| {
-            Some(matrix::Endpoint {
+        .flat_map(|p| {
+            let v6 = p.ip6.map(|ip| matrix::Endpoint {
+                name: format!("{} v6", p.name),
+                netns: p.netns.clone(),
+                ip,
+            });
+            let v4 = p.ip.map(|ip| matrix::Endpoint {
                 name: p.name.clone(),
                 netns: p.netns.clone(),
-                ip: p.ip?,
-            })
+                ip,
+            });
+            v4.into_iter().chain(v6)
         })
         .collect()
 }
@@ -959,14 +1033,23 @@ async fn print_picture(st: &LabState, store: &Store) -> Result<()> {
         .pods
         .iter()
         .map(|p| {
-            vec![
+            let mut row = vec![
                 format!("{}/{}", p.namespace, p.name),
                 p.node.clone(),
                 p.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            ]
+            ];
+            if st.ipv6 {
+                row.push(p.ip6.map(|i| i.to_string()).unwrap_or_else(|| "-".into()));
+            }
+            row
         })
         .collect();
-    print!("{}", crate::output::table(&["POD", "NODE", "IP"], &rows));
+    let head: &[&str] = if st.ipv6 {
+        &["POD", "NODE", "IP", "IPV6"]
+    } else {
+        &["POD", "NODE", "IP"]
+    };
+    print!("{}", crate::output::table(head, &rows));
     let eps = endpoints(st);
     let m = matrix::probe(&eps);
     println!("\nREACHABILITY (ICMP and TCP; ✓ both, i ICMP only, t TCP only, ✗ neither, ! probe failed to run)");

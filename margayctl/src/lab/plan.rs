@@ -11,7 +11,7 @@
 //! Node *i* sits in subnet B when *i* is a multiple of 3, else in subnet A, so the default three
 //! nodes put nodes 1–2 in A and node 3 in B.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Every lab namespace starts with this, so `lab down` can find them all even without state.
 pub const PREFIX: &str = "mgl-";
@@ -28,6 +28,9 @@ pub const NODE_AS: u32 = 64512;
 pub const ROUTER_AS: u32 = 65000;
 /// The default pool.
 pub const POOL_CIDR: &str = "10.244.0.0/16";
+/// The IPv6 pool of a dual-stack lab (`lab up --ipv6`): routed without encapsulation, over
+/// BGP to the nodes' IPv6 addresses.
+pub const POOL6_CIDR: &str = "fd00:10:244::/48";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subnet {
@@ -54,6 +57,10 @@ impl Subnet {
     pub fn router_addr(self) -> Ipv4Addr {
         Ipv4Addr::new(172, 30, self.octet(), 254)
     }
+    /// The router's IPv6 address on this subnet (`fd00:30:<octet>::/64`).
+    pub fn router_addr6(self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x30, u16::from(self.octet()), 0, 0, 0, 0, 0xfe)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +70,16 @@ pub struct NodePlan {
     pub netns: String,
     pub subnet: Subnet,
     pub addr: Ipv4Addr,
+    /// Used in a dual-stack lab only.
+    pub addr6: Ipv6Addr,
 }
 
 impl NodePlan {
     pub fn addr_cidr(&self) -> String {
         format!("{}/24", self.addr)
+    }
+    pub fn addr6_cidr(&self) -> String {
+        format!("{}/64", self.addr6)
     }
 }
 
@@ -83,6 +95,16 @@ pub fn node(index: u8) -> NodePlan {
         netns: format!("{PREFIX}node{index}"),
         subnet,
         addr: Ipv4Addr::new(172, 30, subnet.octet(), 10 + index),
+        addr6: Ipv6Addr::new(
+            0xfd00,
+            0x30,
+            u16::from(subnet.octet()),
+            0,
+            0,
+            0,
+            0,
+            0x10 + u16::from(index),
+        ),
     }
 }
 
@@ -97,6 +119,11 @@ pub const INFRA_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 2);
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 3, 100);
 pub const ROUTER_OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(172, 30, 3, 254);
 
+/// Present while a dual-stack lab is up: the CNI configuration then asks for IPv6 too.
+pub fn ipv6_marker() -> std::path::PathBuf {
+    std::path::Path::new(STATE_DIR).join("ipv6")
+}
+
 pub fn etcd_endpoint() -> String {
     format!("http://{INFRA_ADDR}:{ETCD_PORT}")
 }
@@ -107,20 +134,30 @@ pub fn pod_netns(node: &str, i: u32) -> String {
 }
 
 /// BIRD's configuration for the router: eBGP with every node, routes learned into the kernel,
-/// so the router forwards pod traffic when the pool is not encapsulated.
-pub fn bird_config(nodes: &[NodePlan]) -> String {
+/// so the router forwards pod traffic when the pool is not encapsulated. With `ipv6`, the same
+/// sessions also carry IPv6 unicast (next hops: the nodes' IPv6 addresses).
+pub fn bird_config(nodes: &[NodePlan], ipv6: bool) -> String {
+    let (direct6, kernel6, channel6) = if ipv6 {
+        (
+            " ipv6;",
+            "protocol kernel {\n  ipv6 { import none; export where source = RTS_BGP; };\n  merge paths on;\n}\n",
+            "  ipv6 { import all; export none; next hop keep; };\n",
+        )
+    } else {
+        ("", "", "")
+    };
     let mut out = format!(
         "# Written by margayctl lab up.\n\
 router id {ra};\n\
 log stderr all;\n\
 protocol device {{ }}\n\
-protocol direct {{ ipv4; interface \"eth*\"; }}\n\
-protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n",
+protocol direct {{ ipv4;{direct6} interface \"eth*\"; }}\n\
+protocol kernel {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n{kernel6}",
         ra = Subnet::A.router_addr()
     );
     for n in nodes {
         out.push_str(&format!(
-            "protocol bgp {name} {{\n  local {local} as {ras};\n  neighbor {addr} as {nas};\n  graceful restart on;\n  ipv4 {{ import all; export none; next hop keep; }};\n}}\n",
+            "protocol bgp {name} {{\n  local {local} as {ras};\n  neighbor {addr} as {nas};\n  graceful restart on;\n  ipv4 {{ import all; export none; next hop keep; }};\n{channel6}}}\n",
             name = n.name,
             local = n.subnet.router_addr(),
             ras = ROUTER_AS,
@@ -172,10 +209,16 @@ mod tests {
 
     #[test]
     fn bird_peers_with_every_node_from_its_subnet() {
-        let conf = bird_config(&nodes(3));
+        let conf = bird_config(&nodes(3), false);
         assert!(conf.contains("local 172.30.1.254 as 65000;\n  neighbor 172.30.1.11 as 64512;"));
         assert!(conf.contains("local 172.30.2.254 as 65000;\n  neighbor 172.30.2.13 as 64512;"));
         assert_eq!(conf.matches("protocol bgp").count(), 3);
+        assert!(!conf.contains("ipv6"));
+        let dual = bird_config(&nodes(3), true);
+        assert_eq!(dual.matches("  ipv6 { import all;").count(), 3);
+        assert!(dual.contains("protocol direct { ipv4; ipv6;"));
+        assert_eq!(node(3).addr6_cidr(), "fd00:30:2::13/64");
+        assert_eq!(Subnet::A.router_addr6().to_string(), "fd00:30:1::fe");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct Pod {
     pub netns: String,
     pub container_id: String,
     pub ip: Option<IpAddr>,
+    /// The pod's IPv6 address, in a dual-stack lab.
+    #[serde(default)]
+    pub ip6: Option<IpAddr>,
     /// The TCP echo server inside the pod.
     pub echo: Option<super::proc::Daemon>,
 }
@@ -36,6 +39,9 @@ pub fn network_config(node: &str, state_dir: &Path, datastore: Datastore) -> ser
         "log_file": state_dir.join("cni.log"),
         "ipam": { "type": "margay-ipam" }
     });
+    if plan::ipv6_marker().exists() {
+        conf["ipam"]["assign_ipv6"] = "true".into();
+    }
     match datastore {
         Datastore::Etcd => {
             conf["datastore_type"] = "etcd".into();
@@ -127,6 +133,15 @@ pub fn result_ip(result: &serde_json::Value) -> Option<IpAddr> {
         .as_str()
         .and_then(|a| a.split('/').next())
         .and_then(|a| a.parse().ok())
+}
+
+/// The pod's IPv6 address from an ADD result, if it got one.
+pub fn result_ip6(result: &serde_json::Value) -> Option<IpAddr> {
+    result["ips"]
+        .as_array()?
+        .iter()
+        .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+        .find(IpAddr::is_ipv6)
 }
 
 /// A container ID like a runtime's: 64 hex characters, unique per pod.

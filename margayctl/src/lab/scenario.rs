@@ -256,6 +256,7 @@ async fn pod_churn(st: &mut LabState, store: &Store) -> Result<Outcome> {
                 netns,
                 container_id: pods::container_id(&n.name, &name, u64::from(wave)),
                 ip: None,
+                ip6: None,
                 echo: None,
             };
             let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
@@ -928,6 +929,7 @@ async fn invalid_pool_checks(
         netns: netns.clone(),
         container_id: pods::container_id(&n.name, &pod_name, 7),
         ip: None,
+        ip6: None,
         echo: None,
     };
     let state_dir = Path::new(plan::STATE_DIR).join(&n.name);
