@@ -158,6 +158,7 @@ const OTHER_CASES: &[(&str, &str, &str, &str, &str, &str)] = &[
     ("Node", "bad node address", "metadata: {name: n1}\nspec: {bgp: {ipv4Address: 'fd00::1/64'}}", "spec.bgp.ipv4Address", "fd00::1/64", "IPv4"),
     ("Node", "bad cluster id", "metadata: {name: n1}\nspec: {bgp: {routeReflectorClusterID: rr1}}", "spec.bgp.routeReflectorClusterID", "rr1", "dotted-quad"),
     ("Node", "bad vxlan mac", "metadata: {name: n1}\nspec: {vxlanTunnelMACAddr: 'ee:ee'}", "spec.vxlanTunnelMACAddr", "ee:ee", "MAC"),
+    ("Node", "IPv6 VXLAN device (not carried)", "metadata: {name: n1}\nspec: {ipv6VXLANTunnelAddr: 'fd00::1'}", "spec.ipv6VXLANTunnelAddr", "fd00::1", "does not carry IPv6 in VXLAN"),
     ("IPAMConfig", "wrong name", "metadata: {name: mine}\nspec: {}", "metadata.name", "mine", "\"default\""),
     ("IPReservation", "host bits", "metadata: {name: r}\nspec: {reservedCIDRs: [10.0.0.5/24]}", "spec.reservedCIDRs[0]", "10.0.0.5/24", "host bits"),
     ("BlockAffinity", "name not derived", "metadata: {name: whatever}\nspec: {state: confirmed, node: n1, cidr: 10.0.0.0/26}", "metadata.name", "whatever", "n1-10-0-0-0-26"),

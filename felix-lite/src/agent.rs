@@ -609,18 +609,7 @@ impl Agent {
                 self.metrics
                     .bgp_sessions_established
                     .store(up as u64, Ordering::Relaxed);
-                states = Some(
-                    peers
-                        .iter()
-                        .map(|p| margay_api::BGPPeerState {
-                            peer_ip: p.address.to_string(),
-                            state: p.state.clone(),
-                            since: None,
-                            prefixes_received: p.prefixes_accepted as u64,
-                            prefixes_advertised: p.prefixes_advertised as u64,
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                states = Some(crate::bgp::peer_states(&peers));
             }
             Err(e) => {
                 // No answer: no session is known to be up.
@@ -748,7 +737,8 @@ impl Agent {
                     current = self.store.try_get::<Node>(&self.node).await.ok().flatten()
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "BGP status not written");
+                    // Retried on the next sync; the sessions themselves are unaffected.
+                    tracing::warn!(error = %e, "cannot write the BGP sessions into the Node's status");
                     return;
                 }
             }

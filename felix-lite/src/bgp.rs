@@ -403,6 +403,23 @@ fn prefix_of(net: &IpNet) -> Option<Prefix> {
     Prefix::new_masked(net.addr(), net.prefix_len()).ok()
 }
 
+/// The sessions as a Node's status reports them, by peer address: state, when it last changed
+/// (RFC 3339), prefixes accepted and advertised.
+pub fn peer_states(peers: &[margay_bgp::PeerStatus]) -> Vec<margay_api::BGPPeerState> {
+    let mut out: Vec<margay_api::BGPPeerState> = peers
+        .iter()
+        .map(|p| margay_api::BGPPeerState {
+            peer_ip: p.address.to_string(),
+            state: p.state.clone(),
+            since: (p.since > 0).then(|| margay_ipam::clock::rfc3339(p.since)),
+            prefixes_received: p.prefixes_accepted as u64,
+            prefixes_advertised: p.prefixes_advertised as u64,
+        })
+        .collect();
+    out.sort_by(|a, b| a.peer_ip.cmp(&b.peer_ip));
+    out
+}
+
 /// Applies desired peers and announcements to the speaker, changing only what differs. What
 /// the speaker refused is not recorded as done, so the next sync tries it again; every call's
 /// outcome is returned.

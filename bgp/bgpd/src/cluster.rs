@@ -41,7 +41,7 @@ use margay_api::{
     BGPConfiguration, BGPPeer, BGPPeerState, DatastoreConfig, Node, NodeBGPSpec, Store, StoreError,
     BGP_CONFIGURATION_NAME,
 };
-use margay_bgp::{GracefulRestartConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerHandle};
+use margay_bgp::{GracefulRestartConfig, Speaker, SpeakerConfig, SpeakerHandle};
 use margay_node::autodetect::{self, InterfaceAddress, Method};
 use margay_node::bgp::{self as peering, BgpDriver, PeerInputs};
 use tokio::signal::unix::{signal, SignalKind};
@@ -501,22 +501,6 @@ impl Registration {
     }
 }
 
-/// The session states for the Node's status, sorted by peer.
-pub fn peer_states(peers: &[PeerStatus]) -> Vec<BGPPeerState> {
-    let mut out: Vec<BGPPeerState> = peers
-        .iter()
-        .map(|p| BGPPeerState {
-            peer_ip: p.address.to_string(),
-            state: p.state.clone(),
-            since: None,
-            prefixes_received: p.prefixes_accepted as u64,
-            prefixes_advertised: p.prefixes_advertised as u64,
-        })
-        .collect();
-    out.sort_by(|a, b| a.peer_ip.cmp(&b.peer_ip));
-    out
-}
-
 // ===== health and metrics =====
 
 /// Readiness, liveness and the mode's own metrics.
@@ -905,7 +889,7 @@ impl Reflector {
             peers.iter().filter(|p| p.state == "Established").count() as u64,
             Ordering::Relaxed,
         );
-        let states = peer_states(&peers);
+        let states = margay_node::bgp::peer_states(&peers);
         if self.reported.as_ref() == Some(&states) {
             return Ok(());
         }

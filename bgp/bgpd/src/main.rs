@@ -329,3 +329,43 @@ async fn apply_diff(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "bgp:\n  asn: 65001\n  router_id: 192.0.2.1\npeers:\n  - address: 192.0.2.9\n    asn: 65002\n";
+
+    /// A reload the speaker refuses takes back what it changed and keeps the running
+    /// configuration; it does not claim to have applied it.
+    #[tokio::test]
+    async fn a_refused_reload_keeps_the_running_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bgpd.yaml");
+        std::fs::write(&path, BASE).unwrap();
+        let mut cfg = Config::load(&path).unwrap();
+        let (speaker, _best) = Speaker::start(cfg.bgp.clone()).await.unwrap();
+        for p in &cfg.peers {
+            speaker.add_peer(p.clone()).await.unwrap();
+        }
+        let running = cfg.clone();
+
+        // A change the speaker takes is applied and becomes the running configuration.
+        let added = format!("{BASE}  - address: 192.0.2.10\n    asn: 65003\n");
+        std::fs::write(&path, &added).unwrap();
+        reload(&path, &mut cfg, &speaker).await;
+        assert_eq!(cfg.peers.len(), 2, "applied");
+        assert_eq!(speaker.peers().await.unwrap().len(), 2);
+
+        // The speaker gone: the reload fails, and the configuration stays as it ran.
+        let applied = cfg.clone();
+        speaker.stop("test").await.unwrap();
+        std::fs::write(&path, BASE).unwrap();
+        reload(&path, &mut cfg, &speaker).await;
+        assert_eq!(
+            cfg, applied,
+            "a refused reload keeps the running configuration"
+        );
+        assert_ne!(cfg, running);
+    }
+}
