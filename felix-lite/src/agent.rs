@@ -460,6 +460,12 @@ impl Agent {
         &self.node
     }
 
+    /// The embedded speaker's handle, when BGP runs (for status tools and tests); a speaker
+    /// the agent started again has a new one.
+    pub fn bgp_handle(&self) -> Option<margay_bgp::SpeakerHandle> {
+        self.bgp.as_ref().map(|b| b.handle.clone())
+    }
+
     /// Lets the BGPConfiguration's `logSeverityScreen` set the BGP log level.
     pub fn with_log_control(mut self, log: crate::logging::LogControl) -> Agent {
         self.log = Some(log);
@@ -590,9 +596,12 @@ impl Agent {
         let local = self.local_blocks();
         let borrowed = self.borrowed_addresses();
         let pools = self.view.pools.snapshot();
-        // BGP on without an IPv4 address: start_bgp said so; nothing to drive.
+        // BGP on without an IPv4 address for the router ID: start_bgp said so; the node
+        // cannot take part in routing, which readiness says too.
         let Some(bgp) = self.bgp.as_mut() else {
-            self.health.set_bgp(None);
+            self.health.set_bgp(Some(
+                "BGP is on but the speaker is not running: the node has no IPv4 address for its router ID (set IP)".into(),
+            ));
             return Ok(());
         };
         let mut problems = crate::bgp::SyncProblems::default();
@@ -723,13 +732,69 @@ impl Agent {
     /// read), when they changed.
     async fn publish_bgp_status(&self, mut peers: Vec<margay_api::BGPPeerState>) {
         peers.sort_by(|a, b| a.peer_ip.cmp(&b.peer_ip));
+        self.update_node_status("the BGP sessions", |st| {
+            if st.bgp_peers == peers {
+                return false;
+            }
+            st.bgp_peers = peers.clone();
+            true
+        })
+        .await;
+    }
+
+    /// Writes the agent's readiness into its Node's status as the `Ready` condition, when its
+    /// status or reason changed (the message follows them; the transition time moves only with
+    /// the status).
+    async fn publish_ready(&self) {
+        let (status, reason, message) = match self.health.ready() {
+            Ok(()) => (
+                "True",
+                "Ready",
+                "the node agent's last reconcile succeeded".to_owned(),
+            ),
+            Err(why) => ("False", ready_reason(&why), why),
+        };
+        let now = margay_ipam::clock::rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        );
+        self.update_node_status("the Ready condition", |st| {
+            let old = st.conditions.iter().find(|c| c.type_ == "Ready");
+            if old.is_some_and(|c| c.status == status && c.reason == reason) {
+                return false;
+            }
+            let changed_at = match old {
+                Some(c) if c.status == status => c.last_transition_time.clone(),
+                _ => Some(now.clone()),
+            };
+            st.conditions.retain(|c| c.type_ != "Ready");
+            st.conditions.push(margay_api::Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.clone(),
+                last_transition_time: changed_at,
+            });
+            true
+        })
+        .await;
+    }
+
+    /// Changes this node's status with `change` (which says whether it changed anything) and
+    /// writes it with compare-and-swap, from the informer's copy first.
+    async fn update_node_status(
+        &self,
+        what: &str,
+        mut change: impl FnMut(&mut margay_api::NodeStatus) -> bool,
+    ) {
         let mut current = self.view.nodes.get(&self.node);
         for _ in 0..3 {
             let Some(mut n) = current.take() else { return };
-            if n.status.as_ref().map(|s| &s.bgp_peers) == Some(&peers) {
+            if !change(n.status.get_or_insert_with(Default::default)) {
                 return;
             }
-            n.status.get_or_insert_with(Default::default).bgp_peers = peers.clone();
             match self.store.update_status(&n).await {
                 Ok(_) => return,
                 // The informer's copy was behind a write of ours: read the Node afresh.
@@ -737,8 +802,8 @@ impl Agent {
                     current = self.store.try_get::<Node>(&self.node).await.ok().flatten()
                 }
                 Err(e) => {
-                    // Retried on the next sync; the sessions themselves are unaffected.
-                    tracing::warn!(error = %e, "cannot write the BGP sessions into the Node's status");
+                    // Written again on a later pass.
+                    tracing::warn!(error = %e, "cannot write {what} into the Node's status");
                     return;
                 }
             }
@@ -1352,7 +1417,9 @@ impl Agent {
                 best = self.best_routes.take();
             }
             let remote = self.remote_routes();
-            match self.reconcile(&remote).await {
+            let reconciled = self.reconcile(&remote).await;
+            self.publish_ready().await;
+            match reconciled {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(e) => {
                     self.metrics
@@ -1404,6 +1471,19 @@ impl Agent {
             // Let a burst of changes settle into one pass.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The `Ready` condition's reason for a readiness failure, from what [`Health::ready`] says.
+fn ready_reason(why: &str) -> &'static str {
+    if why.starts_with("datastore: ") {
+        "DatastoreUnavailable"
+    } else if why.starts_with("BGP: ") {
+        "BGPFailing"
+    } else if why.contains("reconciles in a row failed") {
+        "ReconcileFailing"
+    } else {
+        "Starting"
     }
 }
 
@@ -1459,6 +1539,24 @@ mod tests {
         assert!(h.ready().unwrap_err().starts_with("BGP: "));
         h.set_bgp(None);
         assert_eq!(h.ready(), Ok(()));
+    }
+
+    #[test]
+    fn the_ready_condition_names_the_cause() {
+        let h = Health::new(Duration::from_secs(30), Vec::new());
+        assert_eq!(ready_reason(&h.ready().unwrap_err()), "Starting");
+        h.reconciled();
+        h.set_bgp(Some("the speaker stopped".into()));
+        assert_eq!(ready_reason(&h.ready().unwrap_err()), "BGPFailing");
+        h.set_bgp(None);
+        for _ in 0..NOT_READY_AFTER_FAILURES {
+            h.reconcile_failed("refused".into());
+        }
+        assert_eq!(ready_reason(&h.ready().unwrap_err()), "ReconcileFailing");
+        assert_eq!(
+            ready_reason("datastore: cannot follow ippools: down"),
+            "DatastoreUnavailable"
+        );
     }
 
     #[test]

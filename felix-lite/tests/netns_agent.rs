@@ -202,6 +202,25 @@ async fn blocks_become_routes(bgp: bool) {
     };
     let all = |want: u16| move || (1..=3).all(|i| probe(i, "/readyz").0 == want);
     wait_for("every agent ready", Duration::from_secs(20), all(200));
+    // And says so in its Node's status.
+    for i in 1..=3 {
+        let name = format!("node{i}");
+        let t = std::time::Instant::now();
+        loop {
+            let n: margay_api::Node = store.get(&name).await.unwrap();
+            let ready = n
+                .status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready");
+            if ready.as_ref().is_some_and(|c| c.status == "True") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{name}: {ready:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     etcd.stop().await;
     wait_for(
         "every agent not ready while etcd is down",
@@ -220,4 +239,108 @@ async fn blocks_become_routes(bgp: bool) {
         Duration::from_secs(30),
         all(200),
     );
+}
+
+/// The embedded speaker stops under a running agent (in process, inside a node namespace, on
+/// a real etcd): readiness turns 503 naming BGP, the failure is counted, the agent starts the
+/// speaker again, and readiness comes back.
+#[test]
+fn netns_a_stopped_speaker_makes_the_agent_unready_until_it_is_started_again() {
+    let test = "netns_a_stopped_speaker_makes_the_agent_unready_until_it_is_started_again";
+    if !can_build_namespaces(test) {
+        return;
+    }
+    let p = unique_prefix("mgs");
+    let mut fabric = Fabric::new(&p).unwrap();
+    fabric.attach_host("192.168.252.1/24").unwrap();
+    let ns = TestNetns::create(&format!("{p}n1")).unwrap();
+    fabric.attach(&ns, "eth0", "192.168.252.11/24").unwrap();
+    let host: IpAddr = "192.168.252.1".parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt
+        .block_on(EtcdProcess::start_listening_on(&[host]))
+        .unwrap();
+    let endpoint = etcd.endpoint_on(host);
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().display().to_string();
+    margay_kernel::netns::run_in(std::path::Path::new(&ns.path()), move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let env = |k: &str| -> Option<String> {
+                Some(
+                    match k {
+                        "NODENAME" => "node1",
+                        "MARGAY_DATASTORE_TYPE" => "etcd",
+                        "MARGAY_ETCD_ENDPOINTS" => &endpoint,
+                        "MARGAY_ETCD_PREFIX" => "/margay-speaker-test/",
+                        "IP" => "192.168.252.11/24",
+                        "MARGAY_STATE_DIR" => &state_dir,
+                        "MARGAY_BGP_ENABLED" => "true",
+                        "MARGAY_RESYNC_INTERVAL" => "30s",
+                        _ => return None,
+                    }
+                    .to_owned(),
+                )
+            };
+            let cfg = margay_node::config::NodeConfig::load(None, env).unwrap();
+            let (agent, status) = margay_node::agent::Agent::start(cfg).await.unwrap();
+            let first = agent.bgp_handle().expect("BGP runs");
+            let health = status.health.clone();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let run = tokio::spawn(agent.run(async move {
+                if stop_rx.await.is_err() {
+                    panic!("the test dropped the agent's stop signal");
+                }
+            }));
+            let ready = |what: &str, limit: Duration| {
+                let t = std::time::Instant::now();
+                while health.ready().is_err() {
+                    assert!(t.elapsed() < limit, "{what}: {:?}", health.ready());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            };
+            ready("ready at first", Duration::from_secs(20));
+            // Watch readiness closely from another thread: the agent starts the speaker again
+            // on its next pass, so the 503 lasts about one pass.
+            let watcher = {
+                let health = health.clone();
+                std::thread::spawn(move || {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < Duration::from_secs(20) {
+                        if let Err(why) = health.ready() {
+                            return Some(why);
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    None
+                })
+            };
+            first.stop("the test stops the speaker").await.unwrap();
+            let why = watcher.join().unwrap().expect("readiness turned 503");
+            assert!(why.starts_with("BGP: "), "{why}");
+            ready("ready again", Duration::from_secs(20));
+            assert!(
+                status
+                    .metrics
+                    .bgp_errors
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    >= 1,
+                "the failure is counted"
+            );
+            assert!(
+                status
+                    .metrics
+                    .render()
+                    .contains("margay_node_bgp_errors_total"),
+                "and exported"
+            );
+            stop_tx.send(()).unwrap();
+            run.await.unwrap().unwrap();
+        });
+    })
+    .unwrap();
 }
