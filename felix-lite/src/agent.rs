@@ -392,34 +392,8 @@ impl Agent {
         let health = Arc::new(Health::new(cfg.resync_interval, view.health()));
         tracing::info!(node = %node, "waiting for the datastore sync");
         view.wait_synced().await;
-        let address = match &cfg.ipv4 {
-            AddressSetting::Fixed(n) => Some(*n),
-            AddressSetting::None => None,
-            AddressSetting::Autodetect => {
-                let addrs = crate::autodetect::interface_addresses()
-                    .map_err(|e| AgentError::Address(e.to_string()))?;
-                Some(
-                    cfg.ipv4_method
-                        .select(&addrs, false)
-                        .map_err(|e| AgentError::Address(e.to_string()))?
-                        .address,
-                )
-            }
-        };
-        let address6 = match &cfg.ipv6 {
-            AddressSetting::Fixed(n) => Some(*n),
-            AddressSetting::None => None,
-            AddressSetting::Autodetect => {
-                let addrs = crate::autodetect::interface_addresses()
-                    .map_err(|e| AgentError::Address(e.to_string()))?;
-                Some(
-                    cfg.ipv6_method
-                        .select(&addrs, true)
-                        .map_err(|e| AgentError::Address(format!("IPv6: {e}")))?
-                        .address,
-                )
-            }
-        };
+        let address = resolve_address(&cfg.ipv4, &cfg.ipv4_method, false)?;
+        let address6 = resolve_address(&cfg.ipv6, &cfg.ipv6_method, true)?;
         tracing::info!(node = %node, address = ?address, address6 = ?address6, "node addresses");
         let (writer, _thread) = RouteWriter::spawn(None)?;
         let status = Status {
@@ -1470,6 +1444,28 @@ impl Agent {
             }
             // Let a burst of changes settle into one pass.
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The node's address of one family, as its setting says: fixed, none, or detected from the
+/// host's interfaces by `method`.
+fn resolve_address(
+    setting: &AddressSetting,
+    method: &crate::autodetect::Method,
+    v6: bool,
+) -> Result<Option<IpNet>, AgentError> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    match setting {
+        AddressSetting::Fixed(n) => Ok(Some(*n)),
+        AddressSetting::None => Ok(None),
+        AddressSetting::Autodetect => {
+            let addrs = crate::autodetect::interface_addresses()
+                .map_err(|e| AgentError::Address(format!("{family}: {e}")))?;
+            let found = method
+                .select(&addrs, v6)
+                .map_err(|e| AgentError::Address(format!("{family}: {e}")))?;
+            Ok(Some(found.address))
         }
     }
 }

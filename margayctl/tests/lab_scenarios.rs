@@ -197,12 +197,16 @@ fn lab_with_margay_bgpd_as_route_reflector() {
     lab.scenario("external-access");
 }
 
+#[test]
+fn lab_dual_stack_full_matrix_in_both_families() {
+    dual_stack(&["--ipv6"]);
+}
+
 /// Dual stack: every pod has an address of each family, and every pod reaches every address
 /// (across nodes in one subnet directly, to node 3's subnet through the BIRD ToR, which
 /// learned the IPv6 blocks over the same sessions).
-#[test]
-fn lab_dual_stack_full_matrix_in_both_families() {
-    let Some(_lab) = Lab::up(&["--ipv6"]) else {
+fn dual_stack(args: &[&str]) {
+    let Some(_lab) = Lab::up(args) else {
         return;
     };
     // `lab status` exits non-zero unless the matrix, both families, is full.
@@ -247,16 +251,7 @@ fn lab_kubernetes_up_status_gc_failover_and_invalid_pool() {
 
 #[test]
 fn lab_kubernetes_dual_stack_full_matrix_in_both_families() {
-    let Some(_lab) = Lab::up(&kube(&["--ipv6"])) else {
-        return;
-    };
-    let out = margayctl(&["lab", "status"]);
-    let s = text(&out);
-    assert!(out.status.success(), "{s}");
-    assert!(
-        s.contains("fd00:10:244:") && s.contains("pod-node3-1 v6"),
-        "{s}"
-    );
+    dual_stack(&kube(&["--ipv6"]));
 }
 
 #[test]
