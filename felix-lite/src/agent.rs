@@ -1387,8 +1387,10 @@ impl Agent {
                     Some(at)
                 }
             };
-            if best.is_none() {
-                best = self.best_routes.take();
+            // A speaker (re)started by the sync brings its own stream; the old one, if it has
+            // not ended yet, belongs to the stopped speaker and must not stop the new one.
+            if let Some(fresh) = self.best_routes.take() {
+                best = Some(fresh);
             }
             let remote = self.remote_routes();
             let reconciled = self.reconcile(&remote).await;

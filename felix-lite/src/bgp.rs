@@ -512,7 +512,8 @@ impl BgpDriver {
             .collect();
         for a in gone {
             match self.handle.remove_peer(a).await {
-                Ok(()) => {
+                // Gone either way.
+                Ok(()) | Err(margay_bgp::SpeakerError::NoSuchPeer(_)) => {
                     self.peers.remove(&a);
                 }
                 // Kept: removed again next time.
@@ -520,9 +521,21 @@ impl BgpDriver {
             }
         }
         for (a, p) in want {
+            // Where this record and the speaker disagree on whether the peer exists, the
+            // other call brings the speaker to `p` all the same.
             let result = match self.peers.get(&a) {
-                None => self.handle.add_peer(p.clone()).await,
-                Some(old) if *old != p => self.handle.update_peer(p.clone()).await,
+                None => match self.handle.add_peer(p.clone()).await {
+                    Err(margay_bgp::SpeakerError::PeerExists(_)) => {
+                        self.handle.update_peer(p.clone()).await
+                    }
+                    r => r,
+                },
+                Some(old) if *old != p => match self.handle.update_peer(p.clone()).await {
+                    Err(margay_bgp::SpeakerError::NoSuchPeer(_)) => {
+                        self.handle.add_peer(p.clone()).await
+                    }
+                    r => r,
+                },
                 Some(_) => continue,
             };
             match result {
@@ -980,6 +993,34 @@ mod tests {
         })
         .await;
         assert!(ended.is_ok(), "the best-route stream ends with the speaker");
+    }
+
+    /// Where the driver's record and the speaker disagree (a peer the speaker has and the
+    /// record lacks, or the reverse), a sync still brings the speaker where it should be,
+    /// without an error that would hold readiness down for ever.
+    #[tokio::test]
+    async fn peers_the_record_and_the_speaker_disagree_on_are_put_right() {
+        let cfg = margay_bgp::SpeakerConfig::new(64512, "192.0.2.1".parse().unwrap());
+        let (handle, _best) = margay_bgp::Speaker::start(cfg).await.unwrap();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut p = PeerConfig::new(a, 64513);
+        p.shutdown = true;
+        handle.add_peer(p.clone()).await.unwrap();
+        let mut d = BgpDriver::new(handle.clone(), None);
+        let mut problems = SyncProblems::default();
+        p.hold_time = 30;
+        d.set_peers([(a, p.clone())].into_iter().collect(), &mut problems)
+            .await;
+        assert!(problems.is_empty(), "{problems:?}");
+        let peers = handle.peers().await.unwrap();
+        assert_eq!(peers.len(), 1);
+
+        // Gone from the speaker behind the driver's back: removing it is no error.
+        handle.remove_peer(a).await.unwrap();
+        let mut problems = SyncProblems::default();
+        d.set_peers(BTreeMap::new(), &mut problems).await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(d.peers.is_empty());
     }
 
     /// A restarted speaker's driver keeps what the stopped one learned until it learns it
