@@ -139,6 +139,13 @@ impl Metrics {
 /// Consecutive failed reconciles after which the agent reports itself not ready.
 pub const NOT_READY_AFTER_FAILURES: u32 = 3;
 
+/// Why the agent is not ready: the `Ready` condition's reason, and the message `/readyz` gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// Liveness and readiness, shared with the HTTP endpoints.
 ///
 /// - Live: a reconcile succeeded within the stall limit (three resync intervals, at least
@@ -203,25 +210,38 @@ impl Health {
 
     /// `Ok` when ready, else why not.
     pub fn ready(&self) -> Result<(), String> {
+        self.check_ready().map_err(|n| n.message)
+    }
+
+    /// `Ok` when ready, else the cause (the `Ready` condition's reason) and the message.
+    pub fn check_ready(&self) -> Result<(), NotReady> {
+        let not_ready = |reason, message| Err(NotReady { reason, message });
         let st = self.lock();
         if !st.synced {
-            return Err(st
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "the first reconcile has not finished".into()));
+            return not_ready(
+                "Starting",
+                st.last_error
+                    .clone()
+                    .unwrap_or_else(|| "the first reconcile has not finished".into()),
+            );
         }
         for d in &self.datastore {
-            d.check().map_err(|e| format!("datastore: {e}"))?;
+            if let Err(e) = d.check() {
+                return not_ready("DatastoreUnavailable", format!("datastore: {e}"));
+            }
         }
         if st.failures >= NOT_READY_AFTER_FAILURES {
-            return Err(format!(
-                "{} reconciles in a row failed; the last: {}",
-                st.failures,
-                st.last_error.as_deref().unwrap_or("?")
-            ));
+            return not_ready(
+                "ReconcileFailing",
+                format!(
+                    "{} reconciles in a row failed; the last: {}",
+                    st.failures,
+                    st.last_error.as_deref().unwrap_or("?")
+                ),
+            );
         }
         if let Some(e) = &st.bgp {
-            return Err(format!("BGP: {e}"));
+            return not_ready("BGPFailing", format!("BGP: {e}"));
         }
         Ok(())
     }
@@ -720,13 +740,13 @@ impl Agent {
     /// status or reason changed (the message follows them; the transition time moves only with
     /// the status).
     async fn publish_ready(&self) {
-        let (status, reason, message) = match self.health.ready() {
+        let (status, reason, message) = match self.health.check_ready() {
             Ok(()) => (
                 "True",
                 "Ready",
                 "the node agent's last reconcile succeeded".to_owned(),
             ),
-            Err(why) => ("False", ready_reason(&why), why),
+            Err(n) => ("False", n.reason, n.message),
         };
         let now = margay_ipam::clock::rfc3339(
             std::time::SystemTime::now()
@@ -1472,19 +1492,6 @@ fn resolve_address(
     }
 }
 
-/// The `Ready` condition's reason for a readiness failure, from what [`Health::ready`] says.
-fn ready_reason(why: &str) -> &'static str {
-    if why.starts_with("datastore: ") {
-        "DatastoreUnavailable"
-    } else if why.starts_with("BGP: ") {
-        "BGPFailing"
-    } else if why.contains("reconciles in a row failed") {
-        "ReconcileFailing"
-    } else {
-        "Starting"
-    }
-}
-
 /// Sleeps until `at`, or for ever when there is nothing to wait for.
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
@@ -1541,20 +1548,28 @@ mod tests {
 
     #[test]
     fn the_ready_condition_names_the_cause() {
+        let reason = |h: &Health| h.check_ready().unwrap_err().reason;
         let h = Health::new(Duration::from_secs(30), Vec::new());
-        assert_eq!(ready_reason(&h.ready().unwrap_err()), "Starting");
+        assert_eq!(reason(&h), "Starting");
         h.reconciled();
         h.set_bgp(Some("the speaker stopped".into()));
-        assert_eq!(ready_reason(&h.ready().unwrap_err()), "BGPFailing");
+        assert_eq!(reason(&h), "BGPFailing");
         h.set_bgp(None);
         for _ in 0..NOT_READY_AFTER_FAILURES {
             h.reconcile_failed("refused".into());
         }
-        assert_eq!(ready_reason(&h.ready().unwrap_err()), "ReconcileFailing");
+        assert_eq!(reason(&h), "ReconcileFailing");
+        let ippools = margay_api::store::informer::InformerHealth::new("ippools");
+        let h = Health::new(Duration::from_secs(30), vec![ippools.clone()]);
+        h.reconciled();
+        ippools.set(Some("down".into()));
+        assert_eq!(reason(&h), "DatastoreUnavailable");
         assert_eq!(
-            ready_reason("datastore: cannot follow ippools: down"),
-            "DatastoreUnavailable"
+            h.ready(),
+            Err("datastore: cannot follow ippools: down".into())
         );
+        ippools.set(None);
+        assert_eq!(h.ready(), Ok(()));
     }
 
     #[test]

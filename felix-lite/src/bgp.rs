@@ -98,17 +98,6 @@ fn password(
         .ok_or_else(|| format!("secret {}/{} is not available", r.name, r.key))
 }
 
-pub fn node_ip(n: &Node) -> Option<IpAddr> {
-    n.spec
-        .bgp
-        .as_ref()?
-        .ipv4_address
-        .as_deref()?
-        .parse::<IpNet>()
-        .ok()
-        .map(|a| a.addr())
-}
-
 /// The AS of `n`: its own, else the cluster's, else 64512.
 pub fn node_as(n: Option<&Node>, config: Option<&BGPConfiguration>) -> u32 {
     n.and_then(|n| n.spec.bgp.as_ref()?.as_number)
@@ -140,11 +129,11 @@ pub fn desired_peers(i: &PeerInputs<'_>) -> BTreeMap<IpAddr, PeerConfig> {
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(i.me));
     let my_as = node_as(me, i.config);
-    let my_ip = i.my_ip.or_else(|| me.and_then(node_ip));
+    let my_ip = i.my_ip.or_else(|| me.and_then(|n| n.address(false)));
     let i_reflect = me.is_some_and(is_reflector);
     let mut out: BTreeMap<IpAddr, PeerConfig> = BTreeMap::new();
     let add_node = |n: &Node, from: &BGPPeer, out: &mut BTreeMap<IpAddr, PeerConfig>| {
-        let Some(ip) = node_ip(n) else { return };
+        let Some(ip) = n.address(false) else { return };
         if Some(ip) == my_ip {
             return;
         }

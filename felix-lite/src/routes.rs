@@ -62,29 +62,11 @@ struct Vtep {
     mac: margay_kernel::Mac,
 }
 
-fn node_address(n: &Node) -> Option<IpAddr> {
-    n.spec
-        .bgp
-        .as_ref()
-        .and_then(|b| b.ipv4_address.as_deref())
-        .and_then(|a| a.parse::<IpNet>().ok())
-        .map(|a| a.addr())
-}
-
-fn node_address6(n: &Node) -> Option<IpAddr> {
-    n.spec
-        .bgp
-        .as_ref()
-        .and_then(|b| b.ipv6_address.as_deref())
-        .and_then(|a| a.parse::<IpNet>().ok())
-        .map(|a| a.addr())
-}
-
 fn vteps(nodes: &[Node]) -> BTreeMap<IpAddr, Vtep> {
     nodes
         .iter()
         .filter_map(|n| {
-            let addr = node_address(n)?;
+            let addr = n.address(false)?;
             let tunnel_addr = n.spec.ipv4_vxlan_tunnel_addr.as_deref()?.parse().ok()?;
             let mac = margay_kernel::parse_mac(n.spec.vxlan_tunnel_mac_addr.as_deref()?).ok()?;
             Some((addr, Vtep { tunnel_addr, mac }))
@@ -216,7 +198,7 @@ pub fn remote_from_affinities(
         .filter_map(|n| {
             Some((
                 n.metadata.name.as_deref()?,
-                (node_address(n), node_address6(n)),
+                (n.address(false), n.address(true)),
             ))
         })
         .collect();

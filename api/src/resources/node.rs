@@ -139,6 +139,18 @@ pub fn is_mac(s: &str) -> bool {
 }
 
 impl Node {
+    /// The node's IPv4 address (or, with `v6`, its IPv6 address) as its agent published it in
+    /// `spec.bgp`, without the prefix length; `None` when unset or unparsable.
+    pub fn address(&self, v6: bool) -> Option<IpAddr> {
+        let bgp = self.spec.bgp.as_ref()?;
+        let a = if v6 {
+            bgp.ipv6_address.as_deref()?
+        } else {
+            bgp.ipv4_address.as_deref()?
+        };
+        a.parse::<ipnet::IpNet>().ok().map(|n| n.addr())
+    }
+
     pub(crate) fn check(&self, errs: &mut ValidationErrors) {
         super::check_name(&self.metadata, errs);
         let s = &self.spec;

@@ -38,14 +38,16 @@ pub struct InformerHealth {
 }
 
 impl InformerHealth {
-    fn new(kind: &'static str) -> InformerHealth {
+    /// A handle for `kind` that reports no failure yet.
+    pub fn new(kind: &'static str) -> InformerHealth {
         InformerHealth {
             kind,
             failing: Arc::default(),
         }
     }
 
-    fn set(&self, e: Option<String>) {
+    /// Records the last list or watch failure (`None`: following again).
+    pub fn set(&self, e: Option<String>) {
         *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 

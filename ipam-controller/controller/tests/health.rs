@@ -2,64 +2,25 @@
 //! datastore, `/livez` the main loop. Two replicas on a real etcd; etcd is stopped and started
 //! again under them.
 
-use margay_testkit::{free_port, http_get, EtcdProcess};
-use std::net::SocketAddr;
+mod common;
+
+use common::Replica;
+use margay_testkit::EtcdProcess;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A controller replica, killed (by its PID) when dropped.
-struct Replica {
-    child: Child,
-    addr: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Replica {
-    fn start(etcd: &EtcdProcess, identity: &str, dir: &Path) -> Replica {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port"))
-            .parse()
-            .expect("address");
-        let log = dir.join(format!("{identity}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_margay-ipam-controller"))
-            .args(["--interval", "1s", "--lease-duration", "3s"])
-            .args(["--identity", identity, "--metrics-addr", &addr.to_string()])
-            .env("MARGAY_DATASTORE_TYPE", "etcd")
-            .env("MARGAY_ETCD_ENDPOINTS", etcd.endpoint())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("starting margay-ipam-controller");
-        Replica { child, addr, log }
-    }
-
-    fn probe(&self, path: &str) -> Option<(u16, String)> {
-        match http_get(self.addr, path) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("GET {path} from {}: {e}", self.addr);
-                None
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill() {
-            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "kill: {e}");
-        }
-        if let Err(e) = self.child.wait() {
-            panic!("reaping the controller: {e}");
-        }
-    }
+/// A replica on `etcd`, holding leadership for 3 s.
+fn start(etcd: &EtcdProcess, identity: &str, dir: &Path) -> Replica {
+    let endpoint = etcd.endpoint();
+    Replica::start(
+        identity,
+        Duration::from_secs(3),
+        dir,
+        &[
+            ("MARGAY_DATASTORE_TYPE", "etcd"),
+            ("MARGAY_ETCD_ENDPOINTS", &endpoint),
+        ],
+    )
 }
 
 /// Waits until `ok` holds for both replicas' `/readyz` answers; panics with both logs if not.
@@ -87,8 +48,8 @@ async fn wait_ready(reps: &[&Replica], what: &str, ok: impl Fn(&[(u16, String)])
 async fn readiness_follows_role_and_datastore_and_comes_back() {
     let mut etcd = EtcdProcess::start().await.expect("start etcd");
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Replica::start(&etcd, "health-a", dir.path());
-    let b = Replica::start(&etcd, "health-b", dir.path());
+    let a = start(&etcd, "health-a", dir.path());
+    let b = start(&etcd, "health-b", dir.path());
 
     // One leads, the other follows; both ready, each saying which.
     wait_ready(&[&a, &b], "one leader and one standby", |r| {

@@ -9,65 +9,29 @@
 
 use margay_testkit::apiserver::{require_apiserver, Options};
 use margay_testkit::chart::{self, run_kubectl, NAMESPACE};
-use margay_testkit::{free_port, ApiServerProcess};
+use margay_testkit::ApiServerProcess;
+mod common;
+
+use common::Replica;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const LEASE: Duration = Duration::from_secs(4);
 
-/// A controller replica, killed (by its PID) when dropped.
-struct Replica {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(kubeconfig: &Path, identity: &str, dir: &Path) -> Replica {
-        let log = dir.join(format!("{identity}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_margay-ipam-controller"))
-            .args([
-                "--interval",
-                "1s",
-                "--lease-duration",
-                "4s",
-                "--identity",
-                identity,
-            ])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", free_port().expect("port")),
-            ])
-            .env("KUBECONFIG", kubeconfig)
-            .env("MARGAY_DATASTORE_TYPE", "kubernetes")
-            .env("POD_NAMESPACE", NAMESPACE)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("starting margay-ipam-controller");
-        Replica { child, log }
-    }
-
-    fn kill(&mut self) {
-        if let Err(e) = self.child.kill() {
-            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "kill: {e}");
-        }
-        self.child.wait().expect("reaping the controller");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A replica authenticated by `kubeconfig` (the chart's ServiceAccount).
+fn start(kubeconfig: &Path, identity: &str, dir: &Path) -> Replica {
+    let kubeconfig = kubeconfig.display().to_string();
+    Replica::start(
+        identity,
+        LEASE,
+        dir,
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("MARGAY_DATASTORE_TYPE", "kubernetes"),
+            ("POD_NAMESPACE", NAMESPACE),
+        ],
+    )
 }
 
 fn get_json(kubeconfig: &Path, args: &[&str]) -> Value {
@@ -191,12 +155,12 @@ async fn replicas_under_the_chart_service_account_validate_pools_and_fail_over()
         }
     });
 
-    let mut a = Replica::start(&sa, "replica-a", dir.path());
+    let mut a = start(&sa, "replica-a", dir.path());
     let first = wait_for("a leader", Duration::from_secs(30), || {
         holder(&admin).filter(|h| h == "replica-a")
     });
     assert_eq!(first, "replica-a");
-    let mut b = Replica::start(&sa, "replica-b", dir.path());
+    let mut b = start(&sa, "replica-b", dir.path());
 
     let seen = wait_for("every pool marked", Duration::from_secs(30), || {
         let v = validity(&admin);
