@@ -10,7 +10,7 @@
 //! handle when it has none) and, when the datastore cannot be reached, records the release on
 //! the node and succeeds.
 
-use crate::config::{host_veth_name, NetConf};
+use crate::config::{host_veth_name, IpamConf, NetConf};
 use crate::datastore::{self, Datastore, Mode, PodIpam};
 use crate::netsetup;
 use crate::spec::{
@@ -585,6 +585,26 @@ impl Ctx {
             .collect()
     }
 
+    /// The block to write the pod's handle ahead for: the first hinted block of the one family
+    /// this network assigns, unless the runtime asks for specific addresses. (The pod's
+    /// annotations, read meanwhile, may still send the address elsewhere; that costs a write.)
+    fn handle_ahead(&self, ipam: &IpamConf, hint: &[IpNet]) -> Option<IpNet> {
+        let asks_ips = self
+            .conf
+            .runtime_config
+            .as_ref()
+            .is_some_and(|r| !r.ips.is_empty());
+        let want_v4 = ipam.assign_ipv4.map(|b| b.get()).unwrap_or(true);
+        let want_v6 = ipam
+            .assign_ipv6
+            .map(|b| b.get())
+            .unwrap_or(!ipam.ipv6_pools.is_empty());
+        if asks_ips || want_v4 == want_v6 {
+            return None;
+        }
+        hint.iter().find(|b| b.addr().is_ipv4() == want_v4).copied()
+    }
+
     /// Allocates the pod's addresses in process, under the node's allocator lock.
     async fn assign(&self, ds: &Datastore) -> Result<Vec<RecordedIp>, CniError> {
         let ipam = self.conf.ipam.clone().unwrap_or_default();
@@ -606,10 +626,24 @@ impl Ctx {
         // under the lock the allocator reads and writes only its block.
         // With them, the blocks this node held at its last ADD, so that under the lock the
         // allocator only writes, unless another request of this node held the lock meanwhile.
+        // Where the handle is a write of its own (Kubernetes), it is written now too, counting
+        // the address in the block the last ADD used: under the lock only the block is then
+        // written (see `Allocator::prepare_handle`).
         let alloc = allocator(&ds.store, &self.node);
         let epoch = lock_epoch_if_free(&self.state);
         let hint = self.state.block_hint();
-        let (pod, prefetched) = futures::join!(pod, alloc.prefetch(&hint));
+        let ahead = self.handle_ahead(&ipam, &hint);
+        let prepare = async {
+            match ahead {
+                Some(block) => alloc.prepare_handle(&self.handle(), block).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let (pod, prefetched, prepared) = futures::join!(pod, alloc.prefetch(&hint), prepare);
+        if let Err(e) = prepared {
+            // Not fatal: the request writes its handle under the lock as it would anyway.
+            debug!(error = %e, "cannot write the pod's handle ahead");
+        }
         let pod = pod?;
         prefetched.map_err(datastore::ipam_error)?;
         let addresses = self.requested_addresses(&pod)?;
@@ -672,12 +706,16 @@ impl Ctx {
             alloc.forget_prefetched_blocks().await;
         }
         let mut out: Vec<RecordedIp> = Vec::new();
+        let mut used_blocks: Vec<IpNet> = Vec::new();
         for req in &reqs {
             match alloc.assign(req).await {
-                Ok(got) => out.extend(got.addresses.iter().map(|a| RecordedIp {
-                    ip: a.ip,
-                    seq: Some(a.seq),
-                })),
+                Ok(got) => {
+                    used_blocks.extend(got.addresses.iter().map(|a| a.block));
+                    out.extend(got.addresses.iter().map(|a| RecordedIp {
+                        ip: a.ip,
+                        seq: Some(a.seq),
+                    }))
+                }
                 Err(e) => {
                     // All or nothing across the requests too.
                     if !out.is_empty() {
@@ -691,7 +729,14 @@ impl Ctx {
                 }
             }
         }
-        self.state.set_block_hint(&alloc.known_blocks().await);
+        // The blocks this ADD used first: the next ADD writes its handle ahead for the first.
+        let mut hint = used_blocks;
+        for b in alloc.known_blocks().await {
+            if !hint.contains(&b) {
+                hint.push(b);
+            }
+        }
+        self.state.set_block_hint(&hint);
         drop(lock);
         Ok(out)
     }

@@ -129,6 +129,9 @@ struct NodeState {
     /// Blocks read in the same batch by [`Allocator::prefetch`], by the caller's guess of this
     /// node's blocks; they stand in for the block load when they cover the affinities.
     hinted: Option<BTreeMap<IpNet, Option<IPAMBlock>>>,
+    /// A handle written ahead by [`Allocator::prepare_handle`], taken by the request of that
+    /// handle.
+    prepared: Option<HandleTx>,
 }
 
 /// The allocator of one node. Cheap to clone; clones share the cache and the node lock, so
@@ -148,6 +151,7 @@ struct Inner {
 }
 
 /// The handle of one request, with the counts written to it ahead of block writes.
+#[derive(Debug)]
 struct HandleTx {
     id: String,
     name: String,
@@ -237,6 +241,49 @@ impl Allocator {
     pub async fn prefetch(&self, blocks: &[IpNet]) -> Result<()> {
         let mut st = self.inner.state.lock().await;
         self.policy_with(&mut st, blocks).await.map(drop)
+    }
+
+    /// Where the store has no commit across objects (Kubernetes), the handle of a request is a
+    /// write of its own ahead of the block write. This writes it before the request, counting
+    /// one allocation in `block` (the caller's guess of where the address will be, e.g. the
+    /// block its last request used), so that it can happen while the caller waits for its node
+    /// lock: a request of `handle_id` that then takes an address in `block` writes only the
+    /// block. A wrong guess costs the request one more handle write, and a count the request
+    /// does not use is taken back by the request, so the handle counts only what it holds.
+    ///
+    /// Returns whether the handle was written. It is not when the store commits atomically
+    /// (the handle then costs nothing) and when the handle already exists (a repeated request:
+    /// it is read and updated under the lock as always). The caller must not run another
+    /// request of the same handle concurrently (the CNI runtime never does). A handle left
+    /// alone by a caller that dies first holds no address, and the controller deletes it.
+    pub async fn prepare_handle(&self, handle_id: &str, block: IpNet) -> Result<bool> {
+        let store = &self.inner.store;
+        if store.atomic_commit() || handle_id.is_empty() {
+            return Ok(false);
+        }
+        let mut h = HandleTx::new(handle_id);
+        let key = block.to_string();
+        let obj = IPAMHandle::new(
+            &h.name,
+            IPAMHandleSpec {
+                handle_id: h.id.clone(),
+                block: BTreeMap::from([(key.clone(), 1)]),
+                deleted: false,
+            },
+        );
+        match store.create(&obj).await {
+            Ok(written) => {
+                h.obj = Some(written);
+                h.pending.insert(key, 1);
+                self.inner.state.lock().await.prepared = Some(h);
+                Ok(true)
+            }
+            Err(e) if e.is_already_exists() => Ok(false),
+            Err(e) => Err(IpamError::Store {
+                what: format!("write handle {handle_id}"),
+                source: e,
+            }),
+        }
     }
 
     /// Drops the blocks [`Allocator::prefetch`] read: they are to be read again.
@@ -1100,15 +1147,37 @@ impl Allocator {
             )));
         }
         let mut st = self.inner.state.lock().await;
-        let policy = self.policy(&mut st).await?;
-        let mut h = HandleTx::new(&req.handle_id);
+        let mut h = match st.prepared.take() {
+            Some(p) if p.id == req.handle_id => p,
+            other => {
+                st.prepared = other;
+                HandleTx::new(&req.handle_id)
+            }
+        };
+        let policy = self.policy(&mut st).await;
         let mut out = Vec::new();
-        let res = self
-            .assign_locked(&mut st, &policy, req, &mut h, &mut out)
-            .await;
+        let res = match policy {
+            Ok(policy) => {
+                let res = self
+                    .assign_locked(&mut st, &policy, req, &mut h, &mut out)
+                    .await;
+                (res, Some(policy))
+            }
+            Err(e) => (Err(e), None),
+        };
+        // Counts written ahead (a prepared handle) for blocks that got no address.
+        let unused: Vec<String> = h.pending.keys().cloned().collect();
+        for key in unused {
+            let have = h.pending.get(&key).copied().unwrap_or(0);
+            if let Err(e) = self.adjust_handle(&mut h, &key, -have).await {
+                warn!(handle = %req.handle_id, block = %key, error = %e, "cannot take back a handle count the request did not use; the controller's GC will correct it");
+            }
+            h.pending.remove(&key);
+        }
         match res {
-            Ok(()) => Ok(Assignment { addresses: out }),
-            Err(e) => {
+            (Ok(()), _) => Ok(Assignment { addresses: out }),
+            (Err(e), None) => Err(e),
+            (Err(e), Some(policy)) => {
                 // The cached blocks may be missing one taken out for the failed write, or be
                 // stale: read them again next time.
                 st.blocks = None;

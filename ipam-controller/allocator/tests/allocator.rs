@@ -1030,6 +1030,93 @@ async fn without_atomic_commits_the_handle_is_written_before_the_block_and_after
     assert_consistent(&store).await;
 }
 
+/// Without atomic commits a request's handle may be written ahead (the CNI plugin does so while
+/// it waits for its node lock): a right guess of the block leaves only the block write; a wrong
+/// one costs one more handle write and the unused count is taken back; a request that fails
+/// takes back the whole handle; an existing handle is not written ahead; with atomic commits
+/// nothing is.
+#[tokio::test]
+async fn a_handle_written_ahead_counts_only_what_its_request_holds() {
+    let (rec, store) = recording(false);
+    store
+        .create(&pool("p", "10.64.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let a = alloc(&store, "n1", &clock);
+    a.assign(&v4("h0", 1)).await.unwrap();
+    let right: ipnet::IpNet = "10.64.0.0/26".parse().unwrap();
+    let wrong: ipnet::IpNet = "10.64.0.192/26".parse().unwrap();
+    let block = "IPAMBlock 10-64-0-0-26";
+    let h = |id: &str| format!("IPAMHandle {}", names::handle_name(id));
+    let counts = |store: Store, id: &'static str| async move {
+        store
+            .try_get::<IPAMHandle>(&names::handle_name(id))
+            .await
+            .unwrap()
+            .map(|h| h.spec.block)
+    };
+    rec.take();
+
+    // The right block: the request writes only the block.
+    assert!(a.prepare_handle("h1", right).await.unwrap());
+    assert_eq!(writes(rec.take()), vec![format!("create {}", h("h1"))]);
+    a.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(writes(rec.take()), vec![format!("update {block}")]);
+    assert_eq!(
+        counts(store.clone(), "h1").await,
+        Some(BTreeMap::from([("10.64.0.0/26".to_owned(), 1)]))
+    );
+
+    // A wrong block: counted where the address is, and no longer where it is not.
+    assert!(a.prepare_handle("h2", wrong).await.unwrap());
+    rec.take();
+    a.assign(&v4("h2", 1)).await.unwrap();
+    assert_eq!(
+        writes(rec.take()),
+        vec![
+            format!("update {}", h("h2")),
+            format!("update {block}"),
+            format!("update {}", h("h2")),
+        ]
+    );
+    assert_eq!(
+        counts(store.clone(), "h2").await,
+        Some(BTreeMap::from([("10.64.0.0/26".to_owned(), 1)]))
+    );
+
+    // A request that fails leaves no handle.
+    assert!(a.prepare_handle("h3", right).await.unwrap());
+    let mut bad = v4("h3", 1);
+    bad.pools = vec!["no-such-pool".into()];
+    a.assign(&bad).await.unwrap_err();
+    assert_eq!(counts(store.clone(), "h3").await, None);
+
+    // A handle that exists is left to the request: the create is refused, nothing changes.
+    rec.take();
+    assert!(!a.prepare_handle("h1", right).await.unwrap());
+    assert_eq!(
+        writes(rec.take()),
+        vec![format!("create {} failed", h("h1"))]
+    );
+    assert_eq!(
+        counts(store.clone(), "h1").await,
+        Some(BTreeMap::from([("10.64.0.0/26".to_owned(), 1)]))
+    );
+    assert_consistent(&store).await;
+
+    // With atomic commits the handle is part of the block's commit: nothing is written ahead.
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.64.0.0/24", None))
+        .await
+        .unwrap();
+    let a = alloc(&store, "n1", &clock);
+    rec.take();
+    assert!(!a.prepare_handle("h1", right).await.unwrap());
+    assert_eq!(writes(rec.take()), Vec::<String>::new());
+}
+
 /// An allocator as the CNI plugin makes one: the node's labels read from its Node, settings
 /// kept long enough for the request that follows a prefetch.
 fn cni_like(store: &Store, node: &str, clock: &Clock) -> Allocator {
