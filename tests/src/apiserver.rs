@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,6 +76,9 @@ pub struct Options {
     /// Write every request to an audit log, for [`ApiServerProcess::forbidden`]. Benchmarks
     /// turn it off: a cluster does not log every request by default.
     pub audit: bool,
+    /// The address it serves on (and advertises, and has in its certificate): loopback, or an
+    /// address of this network namespace that components in other namespaces reach.
+    pub listen: IpAddr,
 }
 
 impl Options {
@@ -84,6 +88,7 @@ impl Options {
         authorization: Authorization::Rbac,
         crds: true,
         audit: true,
+        listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
     };
 }
 
@@ -109,8 +114,7 @@ impl ApiServerProcess {
     pub async fn start(bin: &Path) -> Result<ApiServerProcess> {
         let options = Options {
             authorization: Authorization::AlwaysAllow,
-            crds: true,
-            audit: true,
+            ..Options::RBAC
         };
         ApiServerProcess::start_with(bin, options).await
     }
@@ -188,8 +192,8 @@ impl ApiServerProcess {
         let sa_key = d.join("sa.key");
         let mut args = vec![
             format!("--etcd-servers={}", self.etcd.endpoint()),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={}", self.options.listen),
+            format!("--advertise-address={}", self.options.listen),
             format!("--secure-port={}", self.port),
             format!("--cert-dir={}", d.join("certs").display()),
             match self.options.authorization {
@@ -274,9 +278,12 @@ impl ApiServerProcess {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// The server's address, `https://127.0.0.1:PORT`.
+    /// The server's address, e.g. `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!(
+            "https://{}",
+            std::net::SocketAddr::new(self.options.listen, self.port)
+        )
     }
 
     /// Writes a kubeconfig for this server that authenticates with `token` (the admin's when
@@ -359,6 +366,12 @@ impl ApiServerProcess {
     /// The server's version string, e.g. `Kubernetes v1.28.3`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Whether the server enforces the `x-kubernetes-validations` (CEL) rules of CRDs: on by
+    /// default from Kubernetes 1.25.
+    pub fn enforces_cel(&self) -> bool {
+        minor_version(&self.version).is_some_and(|m| m >= 25)
     }
 
     /// The API server's etcd, e.g. to compact it.

@@ -87,11 +87,11 @@ fn pool_yaml(name: &str, spec: &str) -> String {
 
 #[tokio::test]
 async fn the_server_refuses_the_pools_the_schema_can_check() {
-    let Some((_api, _dir, kubeconfig)) = server(true).await else {
+    let Some((api, _dir, kubeconfig)) = server(true).await else {
         return;
     };
     // (spec, the field the refusal must name, a word of the reason)
-    let cases = [
+    let mut cases = vec![
         ("{cidr: 10.300.0.0/16}", "spec.cidr", "should match"),
         ("{cidr: not-a-cidr}", "spec.cidr", "should match"),
         ("{cidr: 10.1.0.0}", "spec.cidr", "should match"),
@@ -138,6 +138,49 @@ async fn the_server_refuses_the_pools_the_schema_can_check() {
             "integer",
         ),
     ];
+    // What needs more than one field: the CEL rules, where the server enforces them (older
+    // servers store such pools and the controller marks them Valid=False; see the lab's
+    // invalid-pool scenario).
+    if api.enforces_cel() {
+        cases.extend([
+            (
+                "{cidr: 10.1.0.0/16, ipipMode: Always, vxlanMode: CrossSubnet}",
+                "spec",
+                "cannot both be enabled",
+            ),
+            (
+                "{cidr: 'fd00:10::/64', ipipMode: Always}",
+                "spec",
+                "ipipMode carries only IPv4",
+            ),
+            (
+                "{cidr: 'fd00:10::/64', blockSize: 122, vxlanMode: Always}",
+                "spec",
+                "does not carry IPv6 in VXLAN",
+            ),
+            (
+                "{cidr: 10.1.0.0/16, blockSize: 100}",
+                "spec",
+                "blockSize must be 20 to 32 for an IPv4 pool",
+            ),
+            (
+                "{cidr: 'fd00:10::/64', blockSize: 26}",
+                "spec",
+                "116 to 128 for an IPv6 pool",
+            ),
+            ("{cidr: 10.1.0.0/28}", "spec", "smaller than one block"),
+            (
+                "{cidr: 10.1.0.0/16, allowedUses: [Workload, LoadBalancer]}",
+                "spec",
+                "LoadBalancer is not supported",
+            ),
+        ]);
+    } else {
+        println!(
+            "{}: CEL rules are not enforced before 1.25; the schema's other checks are tested",
+            api.version()
+        );
+    }
     for (spec, field, reason) in cases {
         // --validate=false: the refusal must come from the server, not from kubectl.
         let err = run_kubectl(
