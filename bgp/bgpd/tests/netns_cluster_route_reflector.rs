@@ -1,11 +1,15 @@
-//! `margay-bgpd --cluster-route-reflector` as the Helm chart runs it, against a real etcd, with
-//! real margay-node agents, each in a network namespace of its own on one bridge.
+//! `margay-bgpd --cluster-route-reflector` as the Helm chart runs it, with real margay-node
+//! agents, each in a network namespace of its own on one bridge: on a real etcd, and on a real
+//! kube-apiserver with RBAC where the reflector and the agents authenticate as their chart
+//! ServiceAccounts and no request of theirs may be refused.
 //!
 //! The chart is rendered with `routeReflectors.enabled` and the mesh off; the margay.io
 //! resources it creates at install time (pool, BGPConfiguration, the BGPPeers
 //! `peer-with-route-reflectors` and `route-reflector-mesh`) are written to etcd as the
-//! post-install hook would, and the reflector runs with the exact command and environment of
-//! the StatefulSet's container (the downward-API fields filled in as the kubelet would).
+//! post-install hook would (on Kubernetes the whole rendered chart is applied with kubectl),
+//! and the reflector runs with the exact command and environment of the StatefulSet's
+//! container (the downward-API fields filled in as the kubelet would; on Kubernetes a
+//! kubeconfig with its ServiceAccount's token stands in for the mounted token).
 //!
 //! It shows that the reflector registers its Node (label, cluster ID, address from
 //! `status.hostIP`), turns ready, gives each agent the other's pod block with the original next
@@ -13,8 +17,11 @@
 //! it has, and closes its sessions with a NOTIFICATION on SIGTERM.
 
 use margay_api::store::etcd::{EtcdBackend, EtcdConfig};
+use margay_api::store::kube::KubeBackend;
 use margay_api::{BGPConfiguration, BGPPeer, IPAMConfig, IPPool, Node, Store};
 use margay_ipam::{AddressUse, Allocator, AllocatorConfig, AssignRequest};
+use margay_testkit::apiserver::{require_apiserver, ApiServerProcess, Options};
+use margay_testkit::chart;
 use margay_testkit::netns::{
     can_build_namespaces, unique_prefix, wait_for, Fabric, KillOnDrop, TestNetns,
 };
@@ -29,11 +36,67 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SUBNET: &str = "192.168.247";
-const HOST: &str = "192.168.247.1";
-const RR_ADDR: &str = "192.168.247.10";
 const ETCD_PREFIX: &str = "/margay-rr-test/";
 const POOL: &str = "10.78.0.0/16";
+
+/// The lab's bridge: the host at .1, the reflector at .10, node i at .1i. Each datastore's
+/// test has a subnet of its own, so that both may run at once.
+#[derive(Clone, Copy)]
+struct Net(&'static str);
+
+impl Net {
+    fn host(self) -> String {
+        format!("{}.1", self.0)
+    }
+    fn rr(self) -> String {
+        format!("{}.10", self.0)
+    }
+    fn node(self, i: u8) -> String {
+        format!("{}.1{i}", self.0)
+    }
+}
+
+/// Where the cluster's state lives, and how each component reaches it.
+enum Datastore {
+    Etcd {
+        _etcd: EtcdProcess,
+        endpoint: String,
+    },
+    Kubernetes {
+        api: ApiServerProcess,
+        admin: PathBuf,
+        /// Kubeconfigs with the tokens of the ServiceAccounts margay-node and margay-bgpd.
+        node: PathBuf,
+        reflector: PathBuf,
+    },
+}
+
+impl Datastore {
+    /// The chart values that point every component at this datastore.
+    fn values(&self) -> String {
+        match self {
+            Datastore::Etcd { endpoint, .. } => format!(
+                "datastore:\n  type: etcd\n  etcd:\n    endpoints: [\"{endpoint}\"]\n    prefix: \"{ETCD_PREFIX}\"\n"
+            ),
+            Datastore::Kubernetes { .. } => "datastore:\n  type: kubernetes\n".into(),
+        }
+    }
+
+    /// What a node agent needs besides the chart's environment to reach the datastore.
+    fn agent_env(&self) -> Vec<(String, String)> {
+        match self {
+            Datastore::Etcd { endpoint, .. } => vec![
+                ("MARGAY_ETCD_ENDPOINTS".into(), endpoint.clone()),
+                ("MARGAY_ETCD_PREFIX".into(), ETCD_PREFIX.into()),
+            ],
+            Datastore::Kubernetes { node, .. } => vec![
+                ("MARGAY_DATASTORE_TYPE".into(), "kubernetes".into()),
+                ("KUBECONFIG".into(), node.display().to_string()),
+                ("POD_NAMESPACE".into(), chart::NAMESPACE.into()),
+            ],
+        }
+    }
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -154,13 +217,19 @@ impl Drop for LogOnFailure {
 }
 
 /// The agent for node `i` (address .1i), with BGP, the way felix-lite's own tests run it.
-fn start_agent(bin: &Path, ns: &TestNetns, i: u8, etcd: &str, state: &Path) -> KillOnDrop {
+fn start_agent(
+    bin: &Path,
+    ns: &TestNetns,
+    i: u8,
+    net: Net,
+    ds: &Datastore,
+    state: &Path,
+) -> KillOnDrop {
     KillOnDrop(
         ns.command(bin.to_str().unwrap())
             .env("NODENAME", format!("node{i}"))
-            .env("MARGAY_ETCD_ENDPOINTS", etcd)
-            .env("MARGAY_ETCD_PREFIX", ETCD_PREFIX)
-            .env("IP", format!("{SUBNET}.1{i}/24"))
+            .envs(ds.agent_env())
+            .env("IP", format!("{}/24", net.node(i)))
             .env("MARGAY_STATE_DIR", state.join(format!("n{i}")))
             .env("MARGAY_BGP_ENABLED", "true")
             .env("MARGAY_RESYNC_INTERVAL", "30s")
@@ -201,6 +270,20 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     if !can_build_namespaces("netns_cluster_route_reflector_as_the_chart_runs_it") {
         return;
     }
+    run(Net("192.168.247"), false).await;
+}
+
+/// The same on a real kube-apiserver with RBAC, every component as its chart ServiceAccount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_kube_cluster_route_reflector_under_the_charts_rbac() {
+    const TEST: &str = "netns_kube_cluster_route_reflector_under_the_charts_rbac";
+    if !can_build_namespaces(TEST) || require_apiserver(TEST).is_none() {
+        return;
+    }
+    run(Net("192.168.246"), true).await;
+}
+
+async fn run(net: Net, kubernetes: bool) {
     let build = Instant::now();
     let node_bin = margay_node_binary();
     println!(
@@ -208,12 +291,13 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
         build.elapsed()
     );
     let started = Instant::now();
-    let p = unique_prefix("mrr");
+    let p = unique_prefix(if kubernetes { "mrk" } else { "mrr" });
     let mut fabric = Fabric::new(&p).unwrap();
-    fabric.attach_host(&format!("{HOST}/24")).unwrap();
+    fabric.attach_host(&format!("{}/24", net.host())).unwrap();
     let rr = TestNetns::create(&format!("{p}r")).unwrap();
+    let rr_addr = net.rr();
     fabric
-        .attach(&rr, "eth0", &format!("{RR_ADDR}/24"))
+        .attach(&rr, "eth0", &format!("{rr_addr}/24"))
         .unwrap();
     let nodes: Vec<TestNetns> = (1..=3)
         .map(|i| TestNetns::create(&format!("{p}n{i}")).unwrap())
@@ -221,61 +305,135 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     // Nodes 1 and 2 now; node 3 joins later.
     for (i, ns) in nodes.iter().enumerate().take(2) {
         fabric
-            .attach(ns, "eth0", &format!("{SUBNET}.1{}/24", i + 1))
+            .attach(ns, "eth0", &format!("{}/24", net.node(i as u8 + 1)))
             .unwrap();
     }
-    let host: IpAddr = HOST.parse().unwrap();
-    let etcd = EtcdProcess::start_listening_on(&[host]).await.unwrap();
-    let endpoint = etcd.endpoint_on(host);
-    let store = Store::new(Arc::new(
-        EtcdBackend::connect(EtcdConfig::new([etcd.endpoint()]).with_prefix(ETCD_PREFIX))
-            .await
-            .unwrap(),
-    ));
+    let host: IpAddr = net.host().parse().unwrap();
     let work = tempfile::tempdir().unwrap();
+    let ds = if kubernetes {
+        // Served on the bridge, where the agents and the reflector reach it.
+        let bin = require_apiserver("netns_kube_cluster_route_reflector_under_the_charts_rbac")
+            .expect("checked by the test");
+        let api = ApiServerProcess::start_with(
+            &bin,
+            Options {
+                listen: host,
+                ..Options::RBAC
+            },
+        )
+        .await
+        .expect("starting kube-apiserver");
+        let admin = work.path().join("admin.kubeconfig");
+        api.write_kubeconfig(&admin, None).unwrap();
+        println!("{} on {}", api.version(), api.url());
+        Datastore::Kubernetes {
+            api,
+            admin,
+            node: work.path().join("node.kubeconfig"),
+            reflector: work.path().join("bgpd.kubeconfig"),
+        }
+    } else {
+        let etcd = EtcdProcess::start_listening_on(&[host]).await.unwrap();
+        let endpoint = etcd.endpoint_on(host);
+        Datastore::Etcd {
+            _etcd: etcd,
+            endpoint,
+        }
+    };
+    let store = match &ds {
+        Datastore::Etcd { _etcd: etcd, .. } => Store::new(Arc::new(
+            EtcdBackend::connect(EtcdConfig::new([etcd.endpoint()]).with_prefix(ETCD_PREFIX))
+                .await
+                .unwrap(),
+        )),
+        Datastore::Kubernetes { admin, .. } => {
+            Store::new(Arc::new(KubeBackend::from_kubeconfig(admin).await.unwrap()))
+        }
+    };
 
     // ---- the chart, rendered for this lab ----
-    let objs = render_chart(
-        &format!(
-            "datastore:\n  type: etcd\n  etcd:\n    endpoints: [\"{endpoint}\"]\n    prefix: \"{ETCD_PREFIX}\"\n\
-             bgp:\n  nodeToNodeMesh: false\n\
-             routeReflectors:\n  enabled: true\n\
-             ipPools:\n  - {{name: rr-test, cidr: \"{POOL}\", blockSize: 26, ipipMode: Never, vxlanMode: Never}}\n"
-        ),
-        work.path(),
+    let values = format!(
+        "{}bgp:\n  nodeToNodeMesh: false\n\
+         routeReflectors:\n  enabled: true\n\
+         ipPools:\n  - {{name: rr-test, cidr: \"{POOL}\", blockSize: 26, ipipMode: Never, vxlanMode: Never}}\n",
+        ds.values()
     );
-    // What the post-install hook creates.
+    let objs = render_chart(&values, work.path());
+    // What the post-install hook creates: on Kubernetes the whole chart is applied (and the
+    // components' tokens are made); on etcd its margay.io objects are written.
+    if let Datastore::Kubernetes {
+        api,
+        admin,
+        node,
+        reflector,
+    } = &ds
+    {
+        let file = work.path().join("values.yaml");
+        std::fs::write(&file, &values).unwrap();
+        chart::apply(admin, &[file]).expect("the rendered chart applies");
+        // The kubelets' Nodes, which the agents read their labels from.
+        let items: Vec<Json> = ["node1", "node2", "node3", "rr1"]
+            .iter()
+            .map(|n| serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))
+            .collect();
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        chart::run_kubectl(admin, &["apply", "-f", "-"], &list.to_string())
+            .expect("the Kubernetes Nodes");
+        for (sa, path) in [("margay-node", node), ("margay-bgpd", reflector)] {
+            let token = api
+                .service_account_token(chart::NAMESPACE, sa)
+                .await
+                .unwrap();
+            api.write_kubeconfig(path, Some(&token)).unwrap();
+        }
+    }
     let mut peer_names = Vec::new();
     for o in objs
         .iter()
         .filter(|o| o["apiVersion"].as_str() == Some("margay.io/v1"))
     {
         let kind = o["kind"].as_str().unwrap();
+        let write = !kubernetes;
         match kind {
-            "IPPool" => {
+            "IPPool" if write => {
                 store.create(&from_yaml::<IPPool>(o)).await.unwrap();
             }
-            "IPAMConfig" => {
+            "IPAMConfig" if write => {
                 store.create(&from_yaml::<IPAMConfig>(o)).await.unwrap();
             }
             "BGPConfiguration" => {
                 let c = from_yaml::<BGPConfiguration>(o);
                 assert_eq!(c.spec.node_to_node_mesh_enabled, Some(false));
-                store.create(&c).await.unwrap();
+                if write {
+                    store.create(&c).await.unwrap();
+                }
             }
             "BGPPeer" => {
                 let bp = from_yaml::<BGPPeer>(o);
                 peer_names.push(bp.metadata.name.clone().unwrap());
-                store.create(&bp).await.unwrap();
+                if write {
+                    store.create(&bp).await.unwrap();
+                }
             }
+            "IPPool" | "IPAMConfig" => {}
             other => panic!("the chart renders a margay.io {other} this test does not create"),
         }
     }
+    let mut stored: Vec<String> = store
+        .list::<BGPPeer>()
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    stored.sort();
     peer_names.sort();
     assert_eq!(
         peer_names,
         ["peer-with-route-reflectors", "route-reflector-mesh"]
     );
+    assert_eq!(stored, peer_names, "the BGPPeers in the datastore");
     let sts = objs
         .iter()
         .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "margay-bgpd")
@@ -294,7 +452,8 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
                 &node_bin,
                 &nodes[usize::from(i) - 1],
                 i,
-                &endpoint,
+                net,
+                &ds,
                 work.path(),
             )
         })
@@ -320,11 +479,15 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
         ) {
             (Some(v), _) => v.to_owned(),
             (None, Some("spec.nodeName")) => "rr1".to_owned(),
-            (None, Some("status.hostIP")) => RR_ADDR.to_owned(),
+            (None, Some("status.hostIP")) => rr_addr.clone(),
             (None, Some("metadata.namespace")) => "margay-system".to_owned(),
             _ => panic!("the test cannot provide env {name} = {e:?} as the kubelet would"),
         };
         cmd.env(name, value);
+    }
+    if let Datastore::Kubernetes { reflector, .. } = &ds {
+        // In a pod the client finds the mounted token; here, a kubeconfig with it.
+        cmd.env("KUBECONFIG", reflector);
     }
     let log = work.path().join("margay-bgpd.log");
     let _show_log = LogOnFailure(log.clone());
@@ -352,12 +515,12 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     assert_eq!(bgp.route_reflector_cluster_id.as_deref(), Some("224.0.0.1"));
     assert_eq!(
         bgp.ipv4_address.as_deref(),
-        Some(format!("{RR_ADDR}/24").as_str()),
+        Some(format!("{rr_addr}/24").as_str()),
         "status.hostIP with its interface's prefix length"
     );
 
     // Each agent learns the other's block from the reflector, with the other node as next hop.
-    let route = |to: u8| format!("{} via {SUBNET}.1{to} dev eth0", blocks[&to]);
+    let route = |to: u8| format!("{} via {} dev eth0", blocks[&to], net.node(to));
     for (me, other) in [(1u8, 2u8), (2, 1)] {
         let ns = &nodes[usize::from(me) - 1];
         let took = wait_for(
@@ -367,7 +530,7 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
         );
         println!("node{me} has node{other}'s block {took:?} later");
         assert!(
-            !margay_routes(ns).contains(RR_ADDR),
+            !margay_routes(ns).contains(&rr_addr),
             "a route points at the reflector: {}",
             margay_routes(ns)
         );
@@ -379,7 +542,7 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     // The reflector holds both clients as such, and installed nothing.
     let before: Vec<Json> = [1u8, 2]
         .iter()
-        .map(|i| rr_peer(&rr, &format!("{SUBNET}.1{i}")).expect("the reflector has the peer"))
+        .map(|i| rr_peer(&rr, &net.node(*i)).expect("the reflector has the peer"))
         .collect();
     for p in &before {
         assert_eq!(p["state"], "Established", "{p}");
@@ -394,16 +557,19 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     let (_, metrics) = http_get(&rr, 9095, "/metrics").expect("metrics answer");
     assert!(
         metrics.contains("margay_bgpd_route_reflector_clients 2\n")
-            && metrics.contains("margay_bgp_session_established{peer=\"192.168.247.11\"} 1"),
+            && metrics.contains(&format!(
+                "margay_bgp_session_established{{peer=\"{}\"}} 1",
+                net.node(1)
+            )),
         "{metrics}"
     );
 
     // ---- a node joins ----
     fabric
-        .attach(&nodes[2], "eth0", &format!("{SUBNET}.13/24"))
+        .attach(&nodes[2], "eth0", &format!("{}/24", net.node(3)))
         .unwrap();
     let joined = Instant::now();
-    agents.push(start_agent(&node_bin, &nodes[2], 3, &endpoint, work.path()));
+    agents.push(start_agent(&node_bin, &nodes[2], 3, net, &ds, work.path()));
     for (me, other) in [(1u8, 3u8), (2, 3), (3, 1), (3, 2)] {
         let ns = &nodes[usize::from(me) - 1];
         wait_for(
@@ -416,11 +582,11 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
         "node3's block everywhere and every block on node3 {:?} after it started",
         joined.elapsed()
     );
-    assert!(established(&rr_peer(&rr, &format!("{SUBNET}.13"))));
+    assert!(established(&rr_peer(&rr, &net.node(3))));
     // The sessions with nodes 1 and 2 were not reset: same session, no OPEN or
     // NOTIFICATION since.
     for (i, old) in [1u8, 2].iter().zip(&before) {
-        let now = rr_peer(&rr, &format!("{SUBNET}.1{i}")).unwrap();
+        let now = rr_peer(&rr, &net.node(*i)).unwrap();
         assert_eq!(now["state"], "Established", "{now}");
         assert_eq!(now["since"], old["since"], "node{i}'s session restarted");
         assert_eq!(
@@ -482,6 +648,16 @@ async fn netns_cluster_route_reflector_as_the_chart_runs_it() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("shutting down"), "{log_text}");
     drop(agents);
+    if let Datastore::Kubernetes { api, .. } = &ds {
+        let refused = api
+            .forbidden(&format!("system:serviceaccount:{}:", chart::NAMESPACE))
+            .unwrap();
+        assert!(
+            refused.is_empty(),
+            "requests of the chart's ServiceAccounts the server refused:\n{}",
+            refused.join("\n")
+        );
+    }
     println!("whole test {:?}", started.elapsed());
 }
 
