@@ -240,12 +240,14 @@ pub async fn pod_ipam(
         CniError::new(c, what, e.to_string())
     };
     // The pod and its namespace are read at once: two requests, one round trip of waiting.
+    // Only their metadata (the annotations are all that is used): a pod's spec and status can
+    // be many times larger.
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
     let nss: kube::Api<Namespace> = kube::Api::all(client.clone());
     let timed_out = |what: String| CniError::new(code::TRY_AGAIN_LATER, what, "");
     let (p, n) = futures::join!(
-        tokio::time::timeout(REQUEST_TIMEOUT, pods.get(pod)),
-        tokio::time::timeout(REQUEST_TIMEOUT, nss.get(namespace)),
+        tokio::time::timeout(REQUEST_TIMEOUT, pods.get_metadata(pod)),
+        tokio::time::timeout(REQUEST_TIMEOUT, nss.get_metadata(namespace)),
     );
     let p = p
         .map_err(|_| timed_out(format!("reading pod {namespace}/{pod} timed out")))?

@@ -1132,6 +1132,74 @@ fn cni_like(store: &Store, node: &str, clock: &Clock) -> Allocator {
     )
 }
 
+/// Settings carried from one allocator to the next (the CNI plugin's calls): adopted within
+/// their lifetime, so that a prefetch reads only the affinities and the hinted blocks; refused
+/// when of another node, too old or dated in the future.
+#[tokio::test]
+async fn settings_are_carried_to_the_next_allocator_within_their_lifetime() {
+    let (rec, store) = recording(true);
+    store
+        .create(&pool("p", "10.65.0.0/24", None))
+        .await
+        .unwrap();
+    let clock = Clock::manual(1_000_000);
+    let cni = |clock: &Clock| {
+        Allocator::new(
+            store.clone(),
+            "n1",
+            AllocatorConfig {
+                node_labels: None,
+                policy_ttl: std::time::Duration::from_secs(2),
+                clock: clock.clone(),
+                ..AllocatorConfig::default()
+            },
+        )
+    };
+    let first = cni(&clock);
+    assert!(first.settings().await.is_none(), "nothing read yet");
+    first.assign(&v4("h0", 1)).await.unwrap();
+    let known = first.known_blocks().await;
+    let settings = first.settings().await.expect("settings just read");
+    // Through JSON, as the CNI plugin keeps them.
+    let settings: margay_ipam::Settings =
+        serde_json::from_str(&serde_json::to_string(&settings).unwrap()).unwrap();
+
+    let next = cni(&clock);
+    assert!(next.adopt_settings(settings.clone()).await);
+    rec.take();
+    next.prefetch(&known).await.unwrap();
+    next.assign(&v4("h1", 1)).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        vec![
+            "read [list BlockAffinity n1-*, get IPAMBlock 10-65-0-0-26]".to_string(),
+            format!(
+                "commit [create IPAMHandle {}, update IPAMBlock 10-65-0-0-26]",
+                names::handle_name("h1")
+            ),
+        ],
+        "only the affinities and the hinted block are read"
+    );
+
+    // Another node's settings are not used.
+    let other = Allocator::new(store.clone(), "n2", AllocatorConfig::default());
+    assert!(!other.adopt_settings(settings.clone()).await);
+    // Settings as old as their lifetime are not used, and the next call reads them.
+    clock.advance(2);
+    let late = cni(&clock);
+    assert!(!late.adopt_settings(settings.clone()).await);
+    rec.take();
+    late.prefetch(&known).await.unwrap();
+    assert!(
+        rec.take()[0].starts_with("read [list IPPool *, get IPAMConfig default"),
+        "read again"
+    );
+    // Nor are settings from the future (a clock stepped back).
+    let past = Clock::manual(999_000);
+    assert!(!cni(&past).adopt_settings(settings).await);
+    assert_consistent(&store).await;
+}
+
 /// The CNI plugin's path: settings, affinities and the blocks it guesses this node holds are
 /// read in one batch before its lock; under the lock an allocation is then one commit. A
 /// guess that does not match the affinities (a block the node no longer holds) is not used.
