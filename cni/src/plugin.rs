@@ -342,27 +342,9 @@ fn allocator(store: &margay_api::Store, node: &str) -> Allocator {
         store.clone(),
         node,
         // The default settings lifetime (2 s): the settings `prefetch` read before the node
-        // lock serve the request under it, unless the wait for the lock outlasted them, and
-        // the calls on this node that follow within it (`adopt_settings`).
+        // lock serve the request under it, unless the wait for the lock outlasted them.
         AllocatorConfig::default(),
     )
-}
-
-/// Gives `alloc` the IPAM settings (pools, IPAMConfig, reservations, the node's labels) an
-/// earlier call on this node read, if they are still within the settings lifetime: a change to
-/// them reaches new pods within that lifetime, as it does within one call. Whether it did.
-async fn adopt_settings(state: &StateDir, alloc: &Allocator) -> bool {
-    match state.ipam_settings() {
-        Some(s) => alloc.adopt_settings(s).await,
-        None => false,
-    }
-}
-
-/// Keeps the settings `alloc` read for the calls that follow.
-async fn keep_settings(state: &StateDir, alloc: &Allocator) {
-    if let Some(s) = alloc.settings().await {
-        state.set_ipam_settings(&s);
-    }
 }
 
 /// Releases what a record (or a pending release) names: by sequence number when every address
@@ -377,11 +359,7 @@ async fn release(
     // Connect (and find out that the datastore is down) and read the allocator's settings
     // before taking the node lock.
     let alloc = allocator(store, node);
-    let adopted = adopt_settings(state, &alloc).await;
     alloc.prefetch(&[]).await.map_err(datastore::ipam_error)?;
-    if !adopted {
-        keep_settings(state, &alloc).await;
-    }
     let _lock = lock_ipam(state).await?;
     if !ips.is_empty() && ips.iter().all(|r| r.seq.is_some()) {
         let req: Vec<(IpAddr, Option<u64>)> = ips.iter().map(|r| (r.ip, r.seq)).collect();
@@ -652,7 +630,6 @@ impl Ctx {
         // the address in the block the last ADD used: under the lock only the block is then
         // written (see `Allocator::prepare_handle`).
         let alloc = allocator(&ds.store, &self.node);
-        let adopted = adopt_settings(&self.state, &alloc).await;
         let epoch = lock_epoch_if_free(&self.state);
         let hint = self.state.block_hint();
         let ahead = self.handle_ahead(&ipam, &hint);
@@ -761,9 +738,6 @@ impl Ctx {
         }
         self.state.set_block_hint(&hint);
         drop(lock);
-        if !adopted {
-            keep_settings(&self.state, &alloc).await;
-        }
         Ok(out)
     }
 

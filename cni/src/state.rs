@@ -260,25 +260,6 @@ impl StateDir {
         }
     }
 
-    /// The IPAM settings an earlier call read, for the allocator to adopt while they are
-    /// younger than its settings lifetime ([`margay_ipam::Allocator::adopt_settings`]). `None`
-    /// when missing or unreadable: they are read from the datastore.
-    pub fn ipam_settings(&self) -> Option<margay_ipam::Settings> {
-        let bytes = fs::read(self.root.join("settings.json")).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-
-    /// Records the settings this call read, for the calls that follow within their lifetime.
-    /// Not durable: a lost copy costs one read.
-    pub fn set_ipam_settings(&self, settings: &margay_ipam::Settings) {
-        let res = serde_json::to_vec(settings)
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomic(&self.root.join("settings.json"), &b, false));
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "cannot record the IPAM settings for the next call");
-        }
-    }
-
     /// Opens (creating) the lock file of the node's allocator calls.
     pub fn lock_file(&self) -> std::io::Result<File> {
         fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, "create directory", e))?;

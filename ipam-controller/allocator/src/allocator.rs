@@ -110,24 +110,12 @@ pub enum ReleaseOutcome {
 }
 
 /// The settings the allocator reads from the store, cached for `policy_ttl`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 struct Policy {
     pools: Vec<IPPool>,
     config: IPAMConfigSpec,
     reserved: Vec<IpNet>,
     labels: BTreeMap<String, String>,
-}
-
-/// The settings one allocator read (pools, IPAMConfig, reservations, the node's labels) and
-/// when, for another allocator of the same node to use within the settings lifetime
-/// (`policy_ttl`): the CNI plugin, one process per call, carries them from one call to the next
-/// in its state directory. Opaque; serialise it with serde.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Settings {
-    node: String,
-    /// When they were read, by the allocator's clock (microseconds since the epoch).
-    read_at_us: u64,
-    policy: Policy,
 }
 
 #[derive(Debug, Default)]
@@ -252,7 +240,7 @@ impl Allocator {
     /// reads them again before it claims one.
     pub async fn prefetch(&self, blocks: &[IpNet]) -> Result<()> {
         let mut st = self.inner.state.lock().await;
-        self.policy_with(&mut st, blocks, true).await.map(drop)
+        self.policy_with(&mut st, blocks).await.map(drop)
     }
 
     /// Where the store has no commit across objects (Kubernetes), the handle of a request is a
@@ -312,47 +300,6 @@ impl Allocator {
             .unwrap_or_default()
     }
 
-    /// The settings in use, with the time they were read; `None` before they are read or once
-    /// they are older than the settings lifetime.
-    pub async fn settings(&self) -> Option<Settings> {
-        let st = self.inner.state.lock().await;
-        let (at, p) = st.policy.as_ref()?;
-        let age = at.elapsed();
-        if age >= self.inner.cfg.policy_ttl {
-            return None;
-        }
-        let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
-        Some(Settings {
-            node: self.inner.node.clone(),
-            read_at_us: self.inner.cfg.clock.now_micros().saturating_sub(age_us),
-            policy: (**p).clone(),
-        })
-    }
-
-    /// Uses `settings` (from [`Allocator::settings`] of another allocator of this node, in this
-    /// process or an earlier one) instead of reading them, until they are as old as the
-    /// settings lifetime allows. Refused (`false`) when they are of another node, already too
-    /// old, or dated in the future; then they are read as usual.
-    pub async fn adopt_settings(&self, settings: Settings) -> bool {
-        if settings.node != self.inner.node {
-            return false;
-        }
-        let now = self.inner.cfg.clock.now_micros();
-        let Some(age_us) = now.checked_sub(settings.read_at_us) else {
-            return false;
-        };
-        let age = Duration::from_micros(age_us);
-        if age >= self.inner.cfg.policy_ttl {
-            return false;
-        }
-        let Some(at) = Instant::now().checked_sub(age) else {
-            return false;
-        };
-        let mut st = self.inner.state.lock().await;
-        st.policy = Some((at, Arc::new(settings.policy)));
-        true
-    }
-
     /// Forgets cached blocks and settings; the next request reads them again.
     pub async fn invalidate(&self) {
         let mut st = self.inner.state.lock().await;
@@ -362,76 +309,72 @@ impl Allocator {
     // ===== policy =====
 
     async fn policy(&self, st: &mut NodeState) -> Result<Arc<Policy>> {
-        self.policy_with(st, &[], false).await
+        self.policy_with(st, &[]).await
     }
 
     /// [`Self::policy`], with the blocks `hint` in the same batch when the affinities are read.
-    /// With `prefetch`, the affinities and the hinted blocks are read even when the settings
-    /// are fresh (adopted, or read by an earlier request), unless the blocks are known.
-    async fn policy_with(
-        &self,
-        st: &mut NodeState,
-        hint: &[IpNet],
-        prefetch: bool,
-    ) -> Result<Arc<Policy>> {
-        let fresh = st
-            .policy
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < self.inner.cfg.policy_ttl)
-            .map(|(_, p)| p.clone());
-        let want_affinities = st.blocks.is_none();
-        if let Some(p) = &fresh {
-            if !(prefetch && want_affinities) {
+    async fn policy_with(&self, st: &mut NodeState, hint: &[IpNet]) -> Result<Arc<Policy>> {
+        if let Some((at, p)) = &st.policy {
+            if at.elapsed() < self.inner.cfg.policy_ttl {
                 return Ok(p.clone());
             }
         }
         // One batch: the pools, the IPAM settings, the reservations, the node's labels when
-        // they are not given (unless the settings are fresh), and this node's affinities when
-        // its blocks are still to be read.
+        // they are not given, and this node's affinities when its blocks are still to be read.
         let node = &self.inner.node;
         let want_labels = self.inner.cfg.node_labels.is_none();
-        let mut reads = Reads::new();
-        let mut at = 0usize;
-        let mut next = || {
-            at += 1;
-            at - 1
-        };
-        let mut idx: Option<(usize, usize, usize, Option<usize>)> = None;
-        if fresh.is_none() {
-            reads = reads
-                .list::<IPPool>()
-                .get::<IPAMConfig>(IPAM_CONFIG_NAME)
-                .list::<IPReservation>();
-            let (p, c, r) = (next(), next(), next());
-            let l = if want_labels {
-                reads = reads.get::<Node>(node);
-                Some(next())
-            } else {
-                None
-            };
-            idx = Some((p, c, r, l));
+        let want_affinities = st.blocks.is_none();
+        let mut reads = Reads::new()
+            .list::<IPPool>()
+            .get::<IPAMConfig>(IPAM_CONFIG_NAME)
+            .list::<IPReservation>();
+        if want_labels {
+            reads = reads.get::<Node>(node);
         }
         let hint: &[IpNet] = if want_affinities { hint } else { &[] };
-        let mut aff_idx = None;
         if want_affinities {
             reads = reads.list_prefix::<BlockAffinity>(&names::affinity_prefix(node));
-            aff_idx = Some(next());
         }
         for cidr in hint {
             reads = reads.get::<IPAMBlock>(&names::block_name(cidr));
         }
-        let what = if fresh.is_none() {
-            "read the IP pools, IPAMConfig default, IPReservations, Node and BlockAffinities"
-        } else {
-            "read this node's BlockAffinities"
-        };
+        let what =
+            "read the IP pools, IPAMConfig default, IPReservations, Node and BlockAffinities";
         let mut set = self
             .inner
             .store
             .read(reads)
             .await
             .map_err(IpamError::store(what))?;
-        if let Some(i) = aff_idx {
+        let listed = set
+            .list_lenient::<IPPool>(0)
+            .map_err(IpamError::store(what))?;
+        for (_, e) in &listed.undecodable {
+            warn!(error = %e, "skipping an IP pool that does not decode; fix or delete it");
+        }
+        let pools = listed.items;
+        let config = set
+            .get::<IPAMConfig>(1)
+            .map_err(IpamError::store(what))?
+            .map(|c| c.spec)
+            .unwrap_or_default();
+        let (reservations, _) = set
+            .list::<IPReservation>(2)
+            .map_err(IpamError::store(what))?;
+        let reserved = reservations
+            .iter()
+            .flat_map(|r| r.spec.networks())
+            .collect();
+        let labels = match &self.inner.cfg.node_labels {
+            Some(l) => l.clone(),
+            None => set
+                .get::<Node>(3)
+                .map_err(IpamError::store(what))?
+                .and_then(|n| n.metadata.labels)
+                .unwrap_or_default(),
+        };
+        if want_affinities {
+            let i = if want_labels { 4 } else { 3 };
             let (affs, _) = set
                 .list::<BlockAffinity>(i)
                 .map_err(IpamError::store(what))?;
@@ -445,37 +388,6 @@ impl Allocator {
             }
             st.hinted = (!hint.is_empty()).then_some(hinted);
         }
-        let (Some((pi, ci, ri, li)), None) = (idx, &fresh) else {
-            return Ok(fresh.expect("either fresh settings or their indices"));
-        };
-        let listed = set
-            .list_lenient::<IPPool>(pi)
-            .map_err(IpamError::store(what))?;
-        for (_, e) in &listed.undecodable {
-            warn!(error = %e, "skipping an IP pool that does not decode; fix or delete it");
-        }
-        let pools = listed.items;
-        let config = set
-            .get::<IPAMConfig>(ci)
-            .map_err(IpamError::store(what))?
-            .map(|c| c.spec)
-            .unwrap_or_default();
-        let (reservations, _) = set
-            .list::<IPReservation>(ri)
-            .map_err(IpamError::store(what))?;
-        let reserved = reservations
-            .iter()
-            .flat_map(|r| r.spec.networks())
-            .collect();
-        let labels = match (&self.inner.cfg.node_labels, li) {
-            (Some(l), _) => l.clone(),
-            (None, Some(li)) => set
-                .get::<Node>(li)
-                .map_err(IpamError::store(what))?
-                .and_then(|n| n.metadata.labels)
-                .unwrap_or_default(),
-            (None, None) => BTreeMap::new(),
-        };
         let p = Arc::new(Policy {
             pools,
             config,

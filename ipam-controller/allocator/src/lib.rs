@@ -20,7 +20,7 @@ pub mod pool;
 
 pub use allocator::{
     affine_blocks, with_retries, Allocator, AllocatorConfig, AssignRequest, AssignedAddress,
-    Assignment, ReleaseOutcome, Settings,
+    Assignment, ReleaseOutcome,
 };
 pub use clock::Clock;
 pub use error::{Family, IpamError, Result};
