@@ -15,6 +15,7 @@ pub mod audit;
 pub mod block;
 pub mod clock;
 mod error;
+pub mod live;
 pub mod maintenance;
 pub mod pool;
 

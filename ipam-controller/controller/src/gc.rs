@@ -8,10 +8,10 @@
 //! Releases are rate-limited and each is logged with its reason.
 
 use crate::metrics::Metrics;
-use async_trait::async_trait;
 use ipnet::IpNet;
 use margay_api::{AffinityState, Store};
-use margay_ipam::audit::{Allocation, LiveSet, Snapshot};
+use margay_ipam::audit::Snapshot;
+use margay_ipam::live::LiveSource;
 use margay_ipam::maintenance::{self, BlockRelease};
 use margay_ipam::{block, Allocator, AllocatorConfig, Clock, IpamError, ReleaseOutcome};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -64,29 +64,6 @@ pub struct GcAction {
     pub reason: GcReason,
     /// What was released, e.g. `address 10.0.0.5 (handle k8s-pod-network.abc)`.
     pub what: String,
-}
-
-/// Where the GC learns who is alive.
-#[async_trait]
-pub trait LiveSource: Send + Sync {
-    /// Everything alive now.
-    async fn live(&self) -> Result<LiveSet, IpamError>;
-    /// Whether the owner of `a` is alive, asked again just before releasing it.
-    async fn still_alive(&self, a: &Allocation) -> Result<bool, IpamError> {
-        Ok(self.live().await?.owner_alive(a).is_ok())
-    }
-}
-
-/// etcd mode: the WorkloadEndpoints the CNI plugin writes, and Margay's Node objects.
-pub struct StoreLiveness {
-    pub store: Store,
-}
-
-#[async_trait]
-impl LiveSource for StoreLiveness {
-    async fn live(&self) -> Result<LiveSet, IpamError> {
-        LiveSet::from_store(&self.store).await
-    }
 }
 
 /// Settings of the garbage collector.

@@ -11,12 +11,12 @@
 pub mod gc;
 pub mod health;
 pub mod leader;
-pub mod live;
 pub mod metrics;
 pub mod pools;
 
-use gc::{GarbageCollector, GcAction, GcConfig, LiveSource};
+use gc::{GarbageCollector, GcAction, GcConfig};
 use margay_api::Store;
+use margay_ipam::live::LiveSource;
 use metrics::Metrics;
 use std::sync::Arc;
 use tracing::warn;

@@ -7,11 +7,12 @@ use margay_api::{
     Store, WorkloadEndpoint, WorkloadEndpointSpec,
 };
 use margay_ipam::audit::{self, LiveSet, Snapshot};
+use margay_ipam::live::StoreLiveness;
 use margay_ipam::{
     attr, pod_handle, tunnel_handle, AddressUse, Allocator, AllocatorConfig, AssignRequest, Clock,
     IpamError, TunnelKind,
 };
-use margay_ipam_controller::gc::{GcConfig, GcReason, StoreLiveness};
+use margay_ipam_controller::gc::{GcConfig, GcReason};
 use margay_ipam_controller::metrics::Metrics;
 use margay_ipam_controller::pools;
 use margay_ipam_controller::Controller;

@@ -16,8 +16,9 @@ use margay_api::{
     IPPool, IPPoolSpec, Node, NodeSpec, Store, WorkloadEndpoint, WorkloadEndpointSpec,
 };
 use margay_ipam::audit::{self, LiveSet, Snapshot};
+use margay_ipam::live::StoreLiveness;
 use margay_ipam::{attr, pod_handle, Allocator, AllocatorConfig, AssignRequest};
-use margay_ipam_controller::gc::{GcConfig, StoreLiveness};
+use margay_ipam_controller::gc::GcConfig;
 use margay_ipam_controller::metrics::Metrics;
 use margay_ipam_controller::Controller;
 use margay_testkit::EtcdProcess;

@@ -1,14 +1,39 @@
-//! Kubernetes mode: who is alive, read from the API server (pods and nodes).
+//! Who is alive: the sources the controller's garbage collector and `margayctl ipam` ask
+//! before they call an address leaked. etcd mode reads Margay's own objects (the
+//! WorkloadEndpoints the CNI plugin writes, the Nodes); Kubernetes mode reads pods and nodes
+//! from the API server.
 
-use crate::gc::LiveSource;
+use crate::audit::{Allocation, LiveSet};
+use crate::IpamError;
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
-use margay_api::StoreError;
-use margay_ipam::audit::{Allocation, LiveSet};
-use margay_ipam::IpamError;
+use margay_api::{Store, StoreError};
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+/// Where the garbage collector learns who is alive.
+#[async_trait]
+pub trait LiveSource: Send + Sync {
+    /// Everything alive now.
+    async fn live(&self) -> Result<LiveSet, IpamError>;
+    /// Whether the owner of `a` is alive, asked again just before releasing it.
+    async fn still_alive(&self, a: &Allocation) -> Result<bool, IpamError> {
+        Ok(self.live().await?.owner_alive(a).is_ok())
+    }
+}
+
+/// etcd mode: the WorkloadEndpoints the CNI plugin writes, and Margay's Node objects.
+pub struct StoreLiveness {
+    pub store: Store,
+}
+
+#[async_trait]
+impl LiveSource for StoreLiveness {
+    async fn live(&self) -> Result<LiveSet, IpamError> {
+        LiveSet::from_store(&self.store).await
+    }
+}
 
 /// Pods and nodes from the Kubernetes API.
 pub struct KubeLiveness {
@@ -73,12 +98,12 @@ impl LiveSource for KubeLiveness {
     }
 
     async fn still_alive(&self, a: &Allocation) -> Result<bool, IpamError> {
-        if margay_ipam::tunnel_handle_node(a.handle.as_deref().unwrap_or("")).is_some() {
+        if crate::tunnel_handle_node(a.handle.as_deref().unwrap_or("")).is_some() {
             return Ok(self.live().await?.owner_alive(a).is_ok());
         }
         let (Some(ns), Some(name)) = (
-            a.attrs.get(margay_ipam::attr::NAMESPACE),
-            a.attrs.get(margay_ipam::attr::POD),
+            a.attrs.get(crate::attr::NAMESPACE),
+            a.attrs.get(crate::attr::POD),
         ) else {
             return Ok(false);
         };
