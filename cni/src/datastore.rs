@@ -139,13 +139,15 @@ pub fn ipam_error(e: IpamError) -> CniError {
         | IpamError::AddressNotInPool { .. } => code::ADDRESS_UNAVAILABLE,
         IpamError::PoolUnusable { .. } | IpamError::InvalidRequest(_) => code::INVALID_CONFIG,
         IpamError::Contention { .. } => code::TRY_AGAIN_LATER,
+        IpamError::NodeState { .. } => code::IO_FAILURE,
         IpamError::Store { source, .. } => return store_error_ctx(source, details),
     };
     let msg = match c {
         code::POOL_EXHAUSTED => "no pool can give this pod an address",
         code::ADDRESS_UNAVAILABLE => "the requested address cannot be given to this pod",
         code::INVALID_CONFIG => "the IPAM request is not valid",
-        _ => "the allocator met too much contention",
+        code::IO_FAILURE => "the node's IPAM state (state directory, lock) cannot be used",
+        _ => "too many concurrent changes to the same object",
     };
     CniError::new(c, msg, details)
 }
@@ -296,34 +298,16 @@ pub async fn put_workload_endpoint(
     ))
 }
 
-/// Deletes a WorkloadEndpoint if it still belongs to `container_id` (a newer sandbox of the
-/// same pod may have replaced it). Gone is success.
+/// Deletes WorkloadEndpoint `name` if it still belongs to `container_id`
+/// ([`margay_ipam::pending::delete_workload_endpoint`]).
 pub async fn delete_workload_endpoint(
     store: &Store,
     name: &str,
     container_id: &str,
 ) -> Result<(), CniError> {
-    for _ in 0..5 {
-        let cur = match store.try_get::<WorkloadEndpoint>(name).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(store_error(e)),
-        };
-        if cur.spec.container_id != container_id {
-            return Ok(());
-        }
-        match store.delete(&cur).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => return Err(store_error(e)),
-        }
-    }
-    Err(CniError::new(
-        code::TRY_AGAIN_LATER,
-        format!("WorkloadEndpoint {name} kept changing while it was deleted"),
-        "",
-    ))
+    margay_ipam::pending::delete_workload_endpoint(store, name, container_id)
+        .await
+        .map_err(ipam_error)
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ mod logging;
 pub mod netsetup;
 pub mod plugin;
 pub mod spec;
-pub mod state;
 pub mod token;
 
-pub use plugin::{drain_pending_releases, run, run_plugin, DrainReport, PluginType};
+pub use plugin::{run, run_plugin, PluginType};

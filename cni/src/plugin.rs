@@ -16,15 +16,14 @@ use crate::netsetup;
 use crate::spec::{
     code, version_info, CniError, CniResult, Command, Env, Interface, IpConfig, Route, Version,
 };
-use crate::state::{self, AttachmentRecord, PendingRelease, RecordedIp, StateDir};
 use ipnet::IpNet;
 use margay_api::{IPAMBlock, IPAMConfig, IPAMHandle, Node, WorkloadEndpoint, IPAM_CONFIG_NAME};
-use margay_ipam::{audit, block, pool, AddressUse, Allocator, AllocatorConfig, AssignRequest};
+use margay_ipam::node_state::{AttachmentRecord, PendingRelease, RecordedIp, StateDir};
+use margay_ipam::pending::{self, allocator, drain_pending_releases, lock_epoch_if_free, IpamLock};
+use margay_ipam::{audit, block, pool, AddressUse, AssignRequest};
 use margay_kernel::link::{ipv6_link_local, HOST_VETH_MAC, POD_GATEWAY_V4};
-use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -272,83 +271,14 @@ fn attachment_result(
     }
 }
 
-/// Holds the node's allocator lock while alive. The lock file holds a count of the times the
-/// lock was released, so that a process can tell whether anyone held the lock between two
-/// moments (see [`lock_epoch_if_free`]); it is advanced when the lock is dropped.
-struct IpamLock(Flock<File>);
-
-impl IpamLock {
-    /// The release count in the lock file (0 for an empty or unreadable one).
-    fn count(f: &File) -> u64 {
-        use std::io::{Read, Seek};
-        let mut f = f;
-        let mut s = String::new();
-        if f.rewind().is_err() || f.read_to_string(&mut s).is_err() {
-            return 0;
-        }
-        s.trim().parse().unwrap_or(0)
-    }
-
-    fn epoch(&self) -> u64 {
-        Self::count(&self.0)
-    }
-}
-
-impl Drop for IpamLock {
-    fn drop(&mut self) {
-        use std::io::{Seek, Write};
-        let next = Self::count(&self.0).wrapping_add(1);
-        let mut f: &File = &self.0;
-        let written = f
-            .rewind()
-            .and_then(|()| f.set_len(0))
-            .and_then(|()| write!(f, "{next}"));
-        if let Err(e) = written {
-            // Only costs the next holder its prefetched blocks (they are read again).
-            warn!(error = %e, "cannot advance the IPAM lock's release count");
-        }
-    }
-}
-
-/// The lock's release count if no one holds the lock now; `None` if someone does. Equal to
-/// the count seen once the lock is taken, it says that no one held the lock in between: what
-/// was read meanwhile was not changed by another request of this node.
-fn lock_epoch_if_free(state: &StateDir) -> Option<u64> {
-    let f = state.lock_file().ok()?;
-    let held = Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()?;
-    Some(IpamLock::count(&held))
-}
-
+/// [`pending::lock_ipam`], failing with the CNI error the spec wants.
 async fn lock_ipam(state: &StateDir) -> Result<IpamLock, CniError> {
-    let f = state
-        .lock_file()
-        .map_err(|e| io_error("cannot open the IPAM lock", e))?;
-    // Uncontended: no thread. Contended: wait on a blocking thread, so that timeouts around
-    // the caller keep working.
-    let f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => return Ok(IpamLock(l)),
-        Err((f, _)) => f,
-    };
-    let locked = tokio::task::spawn_blocking(move || Flock::lock(f, FlockArg::LockExclusive))
+    pending::lock_ipam(state)
         .await
-        .map_err(|e| io_error("cannot take the IPAM lock", e))?;
-    locked
-        .map(IpamLock)
-        .map_err(|(_, e)| io_error("cannot take the IPAM lock", e))
+        .map_err(datastore::ipam_error)
 }
 
-fn allocator(store: &margay_api::Store, node: &str) -> Allocator {
-    Allocator::new(
-        store.clone(),
-        node,
-        // The default settings lifetime (2 s): the settings `prefetch` read before the node
-        // lock serve the request under it, unless the wait for the lock outlasted them.
-        AllocatorConfig::default(),
-    )
-}
-
-/// Releases what a record (or a pending release) names: by sequence number when every address
-/// has one, else by handle. Holds the node's allocator lock.
+/// [`pending::release`], failing with the CNI error the spec wants.
 async fn release(
     state: &StateDir,
     store: &margay_api::Store,
@@ -356,99 +286,9 @@ async fn release(
     handle: &str,
     ips: &[RecordedIp],
 ) -> Result<(), CniError> {
-    // Connect (and find out that the datastore is down) and read the allocator's settings
-    // before taking the node lock.
-    let alloc = allocator(store, node);
-    alloc.prefetch(&[]).await.map_err(datastore::ipam_error)?;
-    let _lock = lock_ipam(state).await?;
-    if !ips.is_empty() && ips.iter().all(|r| r.seq.is_some()) {
-        let req: Vec<(IpAddr, Option<u64>)> = ips.iter().map(|r| (r.ip, r.seq)).collect();
-        let outcomes = alloc
-            .release_ips(&req)
-            .await
-            .map_err(datastore::ipam_error)?;
-        debug!(handle, ?outcomes, "released by sequence number");
-    } else {
-        let freed = alloc
-            .release_by_handle(handle)
-            .await
-            .map_err(datastore::ipam_error)?;
-        debug!(handle, ?freed, "released by handle");
-    }
-    Ok(())
-}
-
-/// What a drain of pending releases did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DrainReport {
-    pub completed: usize,
-    /// Still pending (datastore unreachable, or the budget ran out).
-    pub remaining: usize,
-}
-
-/// Retries the releases DEL recorded while the datastore was unreachable, within `budget`.
-/// The plugin calls it at the start of every run; the node agent calls it too (with its own
-/// store). Files another process is draining are skipped.
-pub async fn drain_pending_releases(
-    state_dir: &Path,
-    store: &margay_api::Store,
-    budget: Duration,
-) -> DrainReport {
-    let state = StateDir::new(state_dir);
-    let files = match state.pending_files() {
-        Ok(f) => f,
-        Err(e) => {
-            warn!(error = %e, "cannot list pending releases");
-            return DrainReport::default();
-        }
-    };
-    let mut report = DrainReport::default();
-    let deadline = Instant::now() + budget;
-    for path in files {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            report.remaining += 1;
-            continue;
-        }
-        let Ok(f) = File::open(&path) else {
-            continue;
-        };
-        // Another run is on it.
-        let Ok(guard) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
-            report.remaining += 1;
-            continue;
-        };
-        let p = match state::read_pending(&path) {
-            Ok(Some(p)) => p,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!(file = %path.display(), error = %e, "removing an unreadable pending release");
-                let _ = state::remove_file(&path);
-                continue;
-            }
-        };
-        let work = async {
-            release(&state, store, &p.node, &p.handle, &p.ips).await?;
-            if let Some(w) = &p.workload_endpoint {
-                datastore::delete_workload_endpoint(store, w, &p.container_id).await?;
-            }
-            Ok::<(), CniError>(())
-        };
-        match tokio::time::timeout(left, work).await {
-            Ok(Ok(())) => {
-                info!(container = %p.container_id, handle = %p.handle, "completed a pending release");
-                let _ = state::remove_file(&path);
-                report.completed += 1;
-            }
-            Ok(Err(e)) => {
-                debug!(container = %p.container_id, error = %e, "pending release still failing");
-                report.remaining += 1;
-            }
-            Err(_) => report.remaining += 1,
-        }
-        drop(guard);
-    }
-    report
+    pending::release(state, store, node, handle, ips)
+        .await
+        .map_err(datastore::ipam_error)
 }
 
 impl Ctx {

@@ -1174,7 +1174,7 @@ impl Agent {
             }
         }
         // Releases the CNI plugin could not make while the datastore was away.
-        let drained = margay_cni::drain_pending_releases(
+        let drained = margay_ipam::pending::drain_pending_releases(
             &self.cfg.state_dir,
             &self.store,
             Duration::from_secs(2),

@@ -101,6 +101,15 @@ pub enum IpamError {
         #[source]
         source: StoreError,
     },
+
+    /// The node's own IPAM state (its state directory, its lock) could not be read or
+    /// written.
+    #[error("{what}: {source}")]
+    NodeState {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn pools_phrase(pools: &[String]) -> String {

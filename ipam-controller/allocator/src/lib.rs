@@ -17,6 +17,8 @@ pub mod clock;
 mod error;
 pub mod live;
 pub mod maintenance;
+pub mod node_state;
+pub mod pending;
 pub mod pool;
 
 pub use allocator::{

@@ -1,4 +1,5 @@
-//! The plugin's state on the node, under the state directory (default `/var/lib/margay`):
+//! The node's IPAM state, under the CNI plugin's state directory (default `/var/lib/margay`),
+//! which the plugin and the node agent share:
 //!
 //! - `attachments/<containerID>:<ifname>`: one record per attachment the plugin made: the host
 //!   veth, the addresses with their allocation sequence numbers. Written after the allocation
@@ -7,7 +8,7 @@
 //!   `cali*` veths to attachments.
 //! - `pending-releases/<containerID>`: releases DEL could not complete because the datastore
 //!   was unreachable. Every later plugin run, and the node agent
-//!   ([`crate::drain_pending_releases`]), retries them.
+//!   ([`crate::pending::drain_pending_releases`]), retries them.
 //! - `ipam.lock`: serialises the allocator calls of concurrent plugin runs on the node, so
 //!   that a burst of ADDs does not fight over the node's block with compare-and-swap retries.
 //!
