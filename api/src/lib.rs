@@ -14,6 +14,7 @@ pub mod names;
 pub mod resources;
 pub mod selector;
 pub mod store;
+pub mod time;
 pub mod validation;
 
 pub use resources::*;

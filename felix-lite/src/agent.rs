@@ -329,7 +329,7 @@ impl View {
 
     /// The cluster-wide BGPConfiguration, with a per-node one's settings taking precedence.
     fn bgp_config(&self, node: &str) -> Option<BGPConfiguration> {
-        crate::bgp::effective_config(
+        margay_peering::effective_config(
             self.bgp_configs.get(margay_api::BGP_CONFIGURATION_NAME),
             self.bgp_configs.get(&format!("node.{node}")),
         )
@@ -359,7 +359,7 @@ pub struct Agent {
     k8s_labels: Option<BTreeMap<String, String>>,
     k8s_labels_read: Instant,
     /// The embedded BGP speaker, when BGP is enabled.
-    bgp: Option<crate::bgp::BgpDriver>,
+    bgp: Option<margay_peering::BgpDriver>,
     /// The speaker stopped (a call found it gone, or its route stream ended): the next BGP
     /// sync starts it again.
     speaker_stopped: bool,
@@ -491,7 +491,7 @@ impl Agent {
         };
         let config = self.view.bgp_config(&self.node);
         let me = self.view.nodes.get(&self.node);
-        let asn = crate::bgp::node_as(me.as_ref(), config.as_ref());
+        let asn = margay_peering::node_as(me.as_ref(), config.as_ref());
         let port = config
             .as_ref()
             .map(|c| c.spec.effective_listen_port())
@@ -528,16 +528,16 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Address(format!("starting the BGP speaker: {e}")))?;
         tracing::info!(asn, router_id = %router_id, port, restarting = !ours.is_empty(), "BGP speaker started");
-        let tag = Some(crate::bgp::origin_tag(asn, router_id));
+        let tag = Some(margay_peering::origin_tag(asn, router_id));
         self.bgp = Some(match self.bgp.take() {
             // A restart: keep what the stopped speaker learned for the restart time.
-            Some(old) => crate::bgp::BgpDriver::restarted(
+            Some(old) => margay_peering::BgpDriver::restarted(
                 handle,
                 tag,
                 old,
                 Duration::from_secs(u64::from(restart_time)),
             ),
-            None => crate::bgp::BgpDriver::new(handle, tag),
+            None => margay_peering::BgpDriver::new(handle, tag),
         });
         self.best_routes = Some(stream);
         Ok(())
@@ -577,7 +577,7 @@ impl Agent {
         self.apply_log_severity(config.as_ref());
         let peers = self.view.bgp_peers.snapshot();
         let secrets = self.resolve_secrets(config.as_ref(), &peers).await;
-        let want = crate::bgp::desired_peers_both_ways(&crate::bgp::PeerInputs {
+        let want = margay_peering::desired_peers_both_ways(&margay_peering::PeerInputs {
             me: &self.node,
             my_ip: self.address.map(|a| a.addr()),
             my_ip6: self.address6.map(|a| a.addr()),
@@ -598,11 +598,11 @@ impl Agent {
             ));
             return Ok(());
         };
-        let mut problems = crate::bgp::SyncProblems::default();
+        let mut problems = margay_peering::SyncProblems::default();
         bgp.set_peers(want, &mut problems).await;
-        let announce = crate::bgp::announcements(&local, &borrowed, &pools)
+        let announce = margay_peering::announcements(&local, &borrowed, &pools)
             .into_iter()
-            .map(|n| (n, crate::bgp::communities_for(&n, config.as_ref())))
+            .map(|n| (n, margay_peering::communities_for(&n, config.as_ref())))
             .collect();
         bgp.set_announcements(announce, &mut problems);
         let mut states = None;
@@ -612,7 +612,7 @@ impl Agent {
                 self.metrics
                     .bgp_sessions_established
                     .store(up as u64, Ordering::Relaxed);
-                states = Some(crate::bgp::peer_states(&peers));
+                states = Some(margay_peering::peer_states(&peers));
             }
             Err(e) => {
                 // No answer: no session is known to be up.
@@ -656,7 +656,7 @@ impl Agent {
         let dir =
             std::env::var("MARGAY_SECRETS_DIR").unwrap_or_else(|_| "/etc/margay/secrets".into());
         let mut out = BTreeMap::new();
-        for (name, key) in crate::bgp::secret_refs(config, peers) {
+        for (name, key) in margay_peering::secret_refs(config, peers) {
             let path = Path::new(&dir).join(&name).join(&key);
             let value = match std::fs::read_to_string(&path) {
                 Ok(v) => Some(v.trim_end_matches('\n').to_owned()),
@@ -920,7 +920,7 @@ impl Agent {
     }
 
     fn local_subnets(&self) -> Vec<IpNet> {
-        let mut out: Vec<IpNet> = crate::autodetect::interface_addresses()
+        let mut out: Vec<IpNet> = margay_kernel::autodetect::interface_addresses()
             .unwrap_or_default()
             .into_iter()
             .filter(|a| {
@@ -1474,7 +1474,7 @@ impl Agent {
 /// host's interfaces by `method`.
 fn resolve_address(
     setting: &AddressSetting,
-    method: &crate::autodetect::Method,
+    method: &margay_kernel::autodetect::Method,
     v6: bool,
 ) -> Result<Option<IpNet>, AgentError> {
     let family = if v6 { "IPv6" } else { "IPv4" };
@@ -1482,7 +1482,7 @@ fn resolve_address(
         AddressSetting::Fixed(n) => Ok(Some(*n)),
         AddressSetting::None => Ok(None),
         AddressSetting::Autodetect => {
-            let addrs = crate::autodetect::interface_addresses()
+            let addrs = margay_kernel::autodetect::interface_addresses()
                 .map_err(|e| AgentError::Address(format!("{family}: {e}")))?;
             let found = method
                 .select(&addrs, v6)

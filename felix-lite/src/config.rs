@@ -20,9 +20,9 @@
 //! | `MARGAY_RESYNC_INTERVAL` | `resyncInterval` | `90s` |
 //! | `MARGAY_BGP_ENABLED` | `bgpEnabled` | `true` |
 
-use crate::autodetect::Method;
 use margay_api::resources::parse_duration;
 use margay_api::DatastoreConfig;
+use margay_kernel::autodetect::Method;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;

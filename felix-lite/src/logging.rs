@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// The log targets `logSeverityScreen` governs: the speaker, its wire codec, the agent's BGP.
-pub const BGP_TARGETS: [&str; 3] = ["margay_bgp", "margay_bgp_wire", "margay_node::bgp"];
+pub const BGP_TARGETS: [&str; 3] = ["margay_bgp", "margay_bgp_wire", "margay_peering"];
 
 /// Changes the BGP part of the running log filter.
 pub struct LogControl {
@@ -125,7 +125,7 @@ mod tests {
     fn fatal_maps_to_error_and_the_base_filter_is_kept() {
         assert_eq!(
             filter_text("warn,margay_node=debug", Some(LogSeverity::Fatal)),
-            "warn,margay_node=debug,margay_bgp=error,margay_bgp_wire=error,margay_node::bgp=error"
+            "warn,margay_node=debug,margay_bgp=error,margay_bgp_wire=error,margay_peering=error"
         );
         assert_eq!(filter_text("info", None), "info");
     }

@@ -22,13 +22,7 @@ use margay_kernel::{Device, FdbEntry, Neighbour, Route};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-/// A prefix this node learned (over BGP, or from the datastore when BGP is off), with the
-/// address of the node or router that serves it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct RemoteRoute {
-    pub prefix: IpNet,
-    pub next_hop: IpAddr,
-}
+pub use margay_peering::RemoteRoute;
 
 /// Everything the route computation reads.
 #[derive(Debug, Default)]
@@ -74,14 +68,6 @@ fn vteps(nodes: &[Node]) -> BTreeMap<IpAddr, Vtep> {
         .collect()
 }
 
-/// The most specific pool containing `prefix`.
-pub fn pool_of<'a>(pools: &'a [IPPool], prefix: &IpNet) -> Option<&'a IPPool> {
-    pools
-        .iter()
-        .filter(|p| p.spec.network().is_some_and(|n| n.contains(prefix)))
-        .max_by_key(|p| p.spec.network().map(|n| n.prefix_len()).unwrap_or(0))
-}
-
 /// Whether traffic to `next_hop` should be encapsulated under `mode`.
 pub fn encapsulate(mode: EncapMode, next_hop: IpAddr, local_subnets: &[IpNet]) -> bool {
     match mode {
@@ -114,7 +100,7 @@ pub fn desired(inputs: &Inputs<'_>) -> Desired {
             continue;
         }
         let direct = on_local_subnet(r.next_hop, inputs.local_subnets);
-        let pool = pool_of(inputs.pools, &prefix);
+        let pool = margay_api::pool_of(inputs.pools, &prefix);
         let (ipip, vxlan) = pool
             .map(|p| (p.spec.ipip_mode, p.spec.vxlan_mode))
             .unwrap_or((EncapMode::Never, EncapMode::Never));

@@ -414,3 +414,11 @@ impl IPAMConfig {
         }
     }
 }
+
+/// The most specific pool containing `prefix`.
+pub fn pool_of<'a>(pools: &'a [IPPool], prefix: &ipnet::IpNet) -> Option<&'a IPPool> {
+    pools
+        .iter()
+        .filter(|p| p.spec.network().is_some_and(|n| n.contains(prefix)))
+        .max_by_key(|p| p.spec.network().map(|n| n.prefix_len()).unwrap_or(0))
+}

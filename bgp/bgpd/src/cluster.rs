@@ -13,7 +13,7 @@
 //! 4. registers its margay.io `Node`: the address(es), `spec.bgp.routeReflectorClusterID`, and the
 //!    label `margay.io/route-reflector: "true"`, leaving every other field as it is.
 //! 5. Computes its peers exactly as a node agent with a cluster ID would
-//!    ([`margay_node::bgp::desired_peers_both_ways`]): every non-reflector node a BGPPeer pairs
+//!    ([`margay_peering::desired_peers_both_ways`]): every non-reflector node a BGPPeer pairs
 //!    it with is a route-reflector client, other reflectors are plain iBGP peers; passwords come
 //!    from Secrets. Changes are applied one peer at a time ([`BgpDriver`]), so sessions that did
 //!    not change are never reset. It does so again on every change of the three kinds and every
@@ -42,8 +42,8 @@ use margay_api::{
     BGP_CONFIGURATION_NAME,
 };
 use margay_bgp::{GracefulRestartConfig, Speaker, SpeakerConfig, SpeakerHandle};
-use margay_node::autodetect::{self, InterfaceAddress, Method};
-use margay_node::bgp::{self as peering, BgpDriver, PeerInputs};
+use margay_kernel::autodetect::{self, InterfaceAddress, Method};
+use margay_peering::{self as peering, BgpDriver, PeerInputs};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -851,7 +851,7 @@ impl Reflector {
             want.values().filter(|p| p.rr_client).count() as u64,
             Ordering::Relaxed,
         );
-        let mut problems = margay_node::bgp::SyncProblems::default();
+        let mut problems = margay_peering::SyncProblems::default();
         self.driver.set_peers(want, &mut problems).await;
         if problems.stopped {
             return Err(PassError::SpeakerStopped);
@@ -889,7 +889,7 @@ impl Reflector {
             peers.iter().filter(|p| p.state == "Established").count() as u64,
             Ordering::Relaxed,
         );
-        let states = margay_node::bgp::peer_states(&peers);
+        let states = margay_peering::peer_states(&peers);
         if self.reported.as_ref() == Some(&states) {
             return Ok(());
         }

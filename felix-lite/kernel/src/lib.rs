@@ -16,10 +16,13 @@
 //! - [`events`]: link and route change notifications as an async stream, plus a coalescer.
 //! - [`netns`]: named network namespaces and running code inside one.
 //! - [`sysctl`], [`mtu`], [`nat`].
+//! - [`autodetect`]: finding the node's address the ways Calico users know (margay-node and
+//!   margay-bgpd's cluster route reflector).
 //!
 //! Every route Margay writes carries [`MARGAY_RT_PROTO`]; deletes of things already gone are
 //! success; adds replace.
 
+pub mod autodetect;
 pub mod error;
 pub mod events;
 pub mod link;

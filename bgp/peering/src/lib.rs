@@ -1,4 +1,5 @@
-//! The agent's BGP: which peers this node has, which prefixes it announces, and the routes it
+//! A Margay cluster's BGP member, as both margay-node and margay-bgpd's cluster route
+//! reflector run it: which peers a node has, which prefixes it announces, and the routes it
 //! learned, from the cluster's resources. The decisions are pure functions; [`BgpDriver`]
 //! applies them to the embedded speaker without resetting sessions that did not change.
 //!
@@ -10,7 +11,6 @@
 //! - a node with `routeReflectorClusterID` reflects for the Margay nodes it peers with that are
 //!   not reflectors themselves.
 
-use crate::routes::RemoteRoute;
 use ipnet::IpNet;
 use margay_api::selector::Selector;
 use margay_api::{
@@ -21,6 +21,14 @@ use margay_bgp::wire::Prefix;
 use margay_bgp::{NextHopMode, PathAttrs, PeerConfig, SpeakerHandle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+/// A prefix this node learned (over BGP, or from the datastore when BGP is off), with the
+/// address of the node or router that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRoute {
+    pub prefix: IpNet,
+    pub next_hop: IpAddr,
+}
 
 /// The large community this node tags its own announcements with: (node AS, 77, the node's
 /// IPv4 address). Routers outside the cluster (BGPPeers with a `peerIP`) are sent only routes
@@ -320,7 +328,7 @@ pub fn announcements(
     pools: &[IPPool],
 ) -> BTreeSet<IpNet> {
     let exported =
-        |net: &IpNet| crate::routes::pool_of(pools, net).is_none_or(|p| !p.spec.disable_bgp_export);
+        |net: &IpNet| margay_api::pool_of(pools, net).is_none_or(|p| !p.spec.disable_bgp_export);
     local_blocks
         .iter()
         .copied()
@@ -400,7 +408,7 @@ pub fn peer_states(peers: &[margay_bgp::PeerStatus]) -> Vec<margay_api::BGPPeerS
         .map(|p| margay_api::BGPPeerState {
             peer_ip: p.address.to_string(),
             state: p.state.clone(),
-            since: (p.since > 0).then(|| margay_ipam::clock::rfc3339(p.since)),
+            since: (p.since > 0).then(|| margay_api::time::rfc3339(p.since)),
             prefixes_received: p.prefixes_accepted as u64,
             prefixes_advertised: p.prefixes_advertised as u64,
         })
