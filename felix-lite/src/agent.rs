@@ -608,7 +608,10 @@ impl Agent {
         let mut states = None;
         match bgp.handle.peers().await {
             Ok(peers) => {
-                let up = peers.iter().filter(|p| p.state == "Established").count();
+                let up = peers
+                    .iter()
+                    .filter(|p| p.state == margay_bgp::State::Established)
+                    .count();
                 self.metrics
                     .bgp_sessions_established
                     .store(up as u64, Ordering::Relaxed);

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Subcommand;
+use margay_bgp::{PeerStatus, State};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,7 +40,10 @@ pub async fn run(cmd: &BgpCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BgpCommand::Peers { endpoint, output } => {
             let v = get(endpoint, "/peers").await?;
-            print!("{}", render(*output, &v, || peers_table(&v, now()))?);
+            let peers: Vec<PeerStatus> = serde_json::from_value(v.clone()).with_context(|| {
+                format!("{endpoint}/peers answered with peers this margayctl cannot read")
+            })?;
+            print!("{}", render(*output, &v, || peers_table(&peers, now()))?);
         }
         BgpCommand::Routes {
             prefix,
@@ -124,39 +128,27 @@ fn s(v: &Value) -> String {
 }
 
 /// Like `birdc show protocols`: one line per peer, with prefix counts.
-pub fn peers_table(v: &Value, now: u64) -> String {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+pub fn peers_table(peers: &[PeerStatus], now: u64) -> String {
+    let rows: Vec<Vec<String>> = peers
         .iter()
         .map(|p| {
-            let kind = match (p["ebgp"].as_bool(), p["rr_client"].as_bool()) {
-                (Some(true), _) => "ebgp",
-                (_, Some(true)) => "ibgp rr-client",
+            let kind = match (p.ebgp, p.rr_client) {
+                (true, _) => "ebgp",
+                (_, true) => "ibgp rr-client",
                 _ => "ibgp",
             };
-            let since = p["since"]
-                .as_u64()
-                .map(|t| duration(now.saturating_sub(t)))
-                .unwrap_or_default();
-            let established = p["state"] == "Established";
-            let info = if established {
+            let info = if p.state == State::Established {
                 "Established".to_owned()
             } else {
-                s(&p["last_error"])
+                p.last_error.clone().unwrap_or_default()
             };
             vec![
-                s(&p["address"]),
-                s(&p["asn"]),
+                p.address.to_string(),
+                p.asn.to_string(),
                 kind.to_owned(),
-                s(&p["state"]),
-                since,
-                format!(
-                    "{}/{}",
-                    p["prefixes_accepted"].as_u64().unwrap_or(0),
-                    p["prefixes_advertised"].as_u64().unwrap_or(0)
-                ),
+                p.state.to_string(),
+                duration(now.saturating_sub(p.since)),
+                format!("{}/{}", p.prefixes_accepted, p.prefixes_advertised),
                 info,
             ]
         })
@@ -234,15 +226,54 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A peer as the status API serialises it.
+    #[allow(clippy::too_many_arguments)]
+    fn peer(
+        address: &str,
+        asn: u32,
+        ebgp: bool,
+        rr_client: bool,
+        state: &str,
+        since: u64,
+        last_error: Option<&str>,
+        counts: (u64, u64),
+    ) -> Value {
+        json!({"address": address, "asn": asn, "description": "", "ebgp": ebgp,
+               "rr_client": rr_client, "state": state, "since": since, "last_error": last_error,
+               "router_id": null, "local_address": null, "hold_time": null, "families": [],
+               "graceful_restart": false, "four_octet_as": true, "prefixes_received": 0,
+               "prefixes_accepted": counts.0, "prefixes_advertised": counts.1,
+               "prefixes_stale": 0,
+               "messages_received": {"open": 0, "update": 0, "notification": 0, "keepalive": 0, "route_refresh": 0},
+               "messages_sent": {"open": 0, "update": 0, "notification": 0, "keepalive": 0, "route_refresh": 0}})
+    }
+
     #[test]
     fn peers_table_reads_like_birdc() {
         let v = json!([
-            {"address": "10.0.0.2", "asn": 65000, "ebgp": false, "rr_client": true, "state": "Established",
-             "since": 1000, "last_error": null, "prefixes_accepted": 12, "prefixes_advertised": 30},
-            {"address": "10.0.0.9", "asn": 65100, "ebgp": true, "rr_client": false, "state": "Active",
-             "since": 3000, "last_error": "connect: Connection refused", "prefixes_accepted": 0, "prefixes_advertised": 0}
+            peer(
+                "10.0.0.2",
+                65000,
+                false,
+                true,
+                "Established",
+                1000,
+                None,
+                (12, 30)
+            ),
+            peer(
+                "10.0.0.9",
+                65100,
+                true,
+                false,
+                "Active",
+                3000,
+                Some("connect: Connection refused"),
+                (0, 0)
+            ),
         ]);
-        let t = peers_table(&v, 4600);
+        let peers: Vec<PeerStatus> = serde_json::from_value(v).unwrap();
+        let t = peers_table(&peers, 4600);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("PEER"));
         assert!(
@@ -256,6 +287,9 @@ mod tests {
                 && lines[2].contains("26m40s")
                 && lines[2].ends_with("Connection refused")
         );
+        // A state the speaker does not have is refused, not shown as something else.
+        let bad = json!([peer("10.0.0.3", 65000, false, false, "Up", 0, None, (0, 0))]);
+        assert!(serde_json::from_value::<Vec<PeerStatus>>(bad).is_err());
     }
 
     #[test]

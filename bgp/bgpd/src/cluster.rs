@@ -886,7 +886,10 @@ impl Reflector {
             }
         };
         self.health.established.store(
-            peers.iter().filter(|p| p.state == "Established").count() as u64,
+            peers
+                .iter()
+                .filter(|p| p.state == margay_bgp::State::Established)
+                .count() as u64,
             Ordering::Relaxed,
         );
         let states = margay_peering::peer_states(&peers);

@@ -225,15 +225,15 @@ async fn route(path: &str, query: &str, e: &Endpoints) -> (u16, &'static str, St
     }
 }
 
-fn state_number(s: &str) -> u8 {
+fn state_number(s: margay_bgp::State) -> u8 {
+    use margay_bgp::State;
     match s {
-        "Idle" => 1,
-        "Connect" => 2,
-        "Active" => 3,
-        "OpenSent" => 4,
-        "OpenConfirm" => 5,
-        "Established" => 6,
-        _ => 0,
+        State::Idle => 1,
+        State::Connect => 2,
+        State::Active => 3,
+        State::OpenSent => 4,
+        State::OpenConfirm => 5,
+        State::Established => 6,
     }
 }
 
@@ -255,7 +255,7 @@ pub fn metrics(peers: &[PeerStatus], latency: &Histogram) -> String {
             "margay_bgp_session_state{{peer=\"{}\",asn=\"{}\"}} {}",
             p.address,
             p.asn,
-            state_number(&p.state)
+            state_number(p.state)
         );
     }
     family(
@@ -269,7 +269,7 @@ pub fn metrics(peers: &[PeerStatus], latency: &Histogram) -> String {
             o,
             "margay_bgp_session_established{{peer=\"{}\"}} {}",
             p.address,
-            u8::from(p.state == "Established")
+            u8::from(p.state == margay_bgp::State::Established)
         );
     }
     for (name, help, sent) in [

@@ -407,7 +407,7 @@ pub fn peer_states(peers: &[margay_bgp::PeerStatus]) -> Vec<margay_api::BGPPeerS
         .iter()
         .map(|p| margay_api::BGPPeerState {
             peer_ip: p.address.to_string(),
-            state: p.state.clone(),
+            state: p.state.to_string(),
             since: (p.since > 0).then(|| margay_api::time::rfc3339(p.since)),
             prefixes_received: p.prefixes_accepted as u64,
             prefixes_advertised: p.prefixes_advertised as u64,

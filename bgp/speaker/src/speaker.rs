@@ -131,7 +131,8 @@ pub struct PeerStatus {
     pub description: String,
     pub ebgp: bool,
     pub rr_client: bool,
-    pub state: String,
+    /// The session state (RFC 4271 §8.2.2); in JSON its name, e.g. `"Established"`.
+    pub state: crate::fsm::State,
     /// Unix seconds of the last state change.
     pub since: u64,
     pub last_error: Option<String>,
@@ -1617,7 +1618,7 @@ impl SpeakerTask {
                     description: s.config.description.clone(),
                     ebgp: s.config.asn != self.cfg.asn,
                     rr_client: s.config.rr_client,
-                    state: st.state.to_string(),
+                    state: st.state,
                     since: st
                         .since
                         .duration_since(UNIX_EPOCH)

@@ -58,7 +58,7 @@ async fn wait_for(
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-async fn wait_state(h: &SpeakerHandle, addr: IpAddr, state: &str) {
+async fn wait_state(h: &SpeakerHandle, addr: IpAddr, state: margay_bgp::State) {
     for _ in 0..150 {
         let ps = h.peers().await.unwrap();
         if ps.iter().any(|p| p.address == addr && p.state == state) {
@@ -99,7 +99,7 @@ async fn ebgp_session_carries_routes_both_ways_and_withdrawals() {
         c.prefix == pfx("10.2.0.0/24") && c.best.is_some()
     })
     .await;
-    wait_state(&a, b_ip, "Established").await;
+    wait_state(&a, b_ip, margay_bgp::State::Established).await;
     a.withdraw(pfx("10.1.0.0/24")).unwrap();
     wait_for(&mut b_best, "withdrawal at b", |c| {
         c.prefix == pfx("10.1.0.0/24") && c.best.is_none()
@@ -175,14 +175,14 @@ async fn max_prefix_tears_the_session_down_with_cease_1() {
     pb.max_prefixes = Some(5);
     pb.idle_hold_time = Some(30);
     b.add_peer(pb).await.unwrap();
-    wait_state(&b, a_ip, "Established").await;
+    wait_state(&b, a_ip, margay_bgp::State::Established).await;
     for i in 0..10u8 {
         a.announce(pfx(&format!("10.3.{i}.0/24")), PathAttrs::default())
             .unwrap();
     }
     for _ in 0..100 {
         let p = &a.peers().await.unwrap()[0];
-        if p.state != "Established" {
+        if p.state != margay_bgp::State::Established {
             let e = p.last_error.clone().unwrap_or_default();
             assert!(e.contains("NOTIFICATION 6/1"), "{e}");
             assert_eq!(b.peers().await.unwrap()[0].prefixes_accepted, 0);
@@ -207,7 +207,7 @@ async fn export_policy_change_applies_without_reset_and_refresh_resends() {
     a.announce(pfx("10.4.2.0/24"), PathAttrs::default())
         .unwrap();
     wait_for(&mut b_best, "both", |c| c.prefix == pfx("10.4.2.0/24")).await;
-    wait_state(&a, b_ip, "Established").await;
+    wait_state(&a, b_ip, margay_bgp::State::Established).await;
     let since = a.peers().await.unwrap()[0].since;
     let mut pa2 = pa.clone();
     pa2.export = serde_yaml::from_str(
@@ -271,7 +271,7 @@ async fn send_hold_timer_closes_a_session_whose_peer_stopped_reading() {
     s.write_all(&Message::Keepalive.to_bytes(&ctx).unwrap())
         .await
         .unwrap();
-    wait_state(&a, b_ip, "Established").await;
+    wait_state(&a, b_ip, margay_bgp::State::Established).await;
     // Distinct attributes per prefix: one UPDATE each, megabytes in all.
     for i in 0..60_000u32 {
         let pre =
@@ -284,7 +284,7 @@ async fn send_hold_timer_closes_a_session_whose_peer_stopped_reading() {
     }
     for _ in 0..200 {
         let p = &a.peers().await.unwrap()[0];
-        if p.state != "Established" {
+        if p.state != margay_bgp::State::Established {
             let e = p.last_error.clone().unwrap_or_default();
             assert!(e.contains("NOTIFICATION 8/0"), "{e}");
             drop(s);
@@ -396,11 +396,10 @@ async fn a_client_that_stops_reading_leaves_its_update_group_and_holds_nobody_ba
     let mut grouped = false;
     for _ in 0..100 {
         let ps = rr.peers().await.unwrap();
-        let groups: Vec<_> = ps
+        let groups: Vec<_> = ps.iter().map(|p| (p.state, p.update_group)).collect();
+        if groups
             .iter()
-            .map(|p| (p.state.as_str(), p.update_group))
-            .collect();
-        if groups.iter().all(|g| g.0 == "Established" && g.1.is_some())
+            .all(|g| g.0 == margay_bgp::State::Established && g.1.is_some())
             && groups.iter().all(|g| g.1 == groups[0].1)
         {
             grouped = true;
@@ -444,7 +443,7 @@ async fn a_client_that_stops_reading_leaves_its_update_group_and_holds_nobody_ba
     }
     let ps = rr.peers().await.unwrap();
     let of = |a: IpAddr| ps.iter().find(|p| p.address == a).unwrap();
-    assert_eq!(of(slow_ip).state, "Established");
+    assert_eq!(of(slow_ip).state, margay_bgp::State::Established);
     assert_eq!(of(slow_ip).update_group, None, "the slow client left");
     assert!(of(c1_ip).update_group.is_some());
     assert_eq!(of(c1_ip).update_group, of(c2_ip).update_group);
@@ -642,7 +641,10 @@ async fn enhanced_route_refresh_drops_routes_not_resent_and_frames_our_answer() 
     // An unknown subtype changes nothing and keeps the session.
     s.write_all(&marker(7)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(a.peers().await.unwrap()[0].state, "Established");
+    assert_eq!(
+        a.peers().await.unwrap()[0].state,
+        margay_bgp::State::Established
+    );
     assert_eq!(a.peers().await.unwrap()[0].prefixes_accepted, 2);
     drop(s);
     a.shutdown("test over").await.unwrap();
@@ -656,7 +658,7 @@ async fn wait_grouped(rr: &SpeakerHandle, peers: &[IpAddr]) {
             .iter()
             .map(|a| {
                 ps.iter()
-                    .find(|p| p.address == *a && p.state == "Established")
+                    .find(|p| p.address == *a && p.state == margay_bgp::State::Established)
                     .and_then(|p| p.update_group)
             })
             .collect();
@@ -704,7 +706,7 @@ async fn a_member_closed_at_its_prefix_limit_leaves_its_group_and_rejoins() {
         let ps = rr.peers().await.unwrap();
         if ps
             .iter()
-            .any(|p| p.address == c2_ip && p.state != "Established")
+            .any(|p| p.address == c2_ip && p.state != margay_bgp::State::Established)
         {
             closed = true;
             break;
