@@ -102,37 +102,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The chart rendered with `values` (YAML text): every object.
-fn render_chart(values: &str, dir: &Path) -> Vec<Value> {
-    let helm = root().join(".tools/bin/helm");
-    assert!(
-        helm.is_file(),
-        "helm is not installed at {}: run scripts/get-helm.sh (scripts/setup.sh does)",
-        helm.display()
-    );
-    let file = dir.join("values.yaml");
-    std::fs::write(&file, values).unwrap();
-    let out = Command::new(helm)
-        .args(["template", "margay"])
-        .arg(root().join("charts/margay"))
-        .args(["--namespace", "margay-system", "-f"])
-        .arg(&file)
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|d| {
-            let v = <Value as serde::Deserialize>::deserialize(d).unwrap();
-            (!v.is_null()).then_some(v)
-        })
-        .collect()
-}
-
 /// margay-node, built by cargo (a test can only name the binaries of its own package).
 /// `MARGAY_NODE_BIN` points at one built already.
 fn margay_node_binary() -> PathBuf {
@@ -358,7 +327,10 @@ async fn run(net: Net, kubernetes: bool) {
          ipPools:\n  - {{name: rr-test, cidr: \"{POOL}\", blockSize: 26, ipipMode: Never, vxlanMode: Never}}\n",
         ds.values()
     );
-    let objs = render_chart(&values, work.path());
+    let values_file = work.path().join("values.yaml");
+    std::fs::write(&values_file, &values).unwrap();
+    let objs = chart::render(std::slice::from_ref(&values_file), false)
+        .unwrap_or_else(|e| panic!("helm template failed: {e}"));
     // What the post-install hook creates: on Kubernetes the whole chart is applied (and the
     // components' tokens are made); on etcd its margay.io objects are written.
     if let Datastore::Kubernetes {
@@ -368,9 +340,8 @@ async fn run(net: Net, kubernetes: bool) {
         reflector,
     } = &ds
     {
-        let file = work.path().join("values.yaml");
-        std::fs::write(&file, &values).unwrap();
-        chart::apply(admin, &[file]).expect("the rendered chart applies");
+        chart::apply(admin, std::slice::from_ref(&values_file))
+            .expect("the rendered chart applies");
         // The kubelets' Nodes, which the agents read their labels from.
         let items: Vec<Json> = ["node1", "node2", "node3", "rr1"]
             .iter()
